@@ -1,0 +1,53 @@
+"""genfill: local, open generative fill. The SDK.
+
+    from genfill import Client
+    with Client() as client:                     # finds the running server by its state file
+        result = client.fill("photo.png", "mask.png", prompt="a wooden bench")
+        result.composite(0).save("filled.png")
+"""
+
+from .aio import AsyncClient, AsyncJob
+from .client import Client, Job
+from .errors import (
+    AuthenticationError,
+    ConnectError,
+    ConnectionClosed,
+    EngineUnavailable,
+    GenfillError,
+    JobCancelled,
+    JobError,
+    JobFailed,
+    LimitExceeded,
+    ProtocolError,
+)
+from .fill import Box, Size
+from .protocol import PROTOCOL_VERSION, ControlInput, ControlType, Mode, Scheduler
+from .session import FillResult, JobEvent
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "AsyncClient",
+    "AsyncJob",
+    "AuthenticationError",
+    "Box",
+    "Client",
+    "ConnectError",
+    "ConnectionClosed",
+    "ControlInput",
+    "ControlType",
+    "EngineUnavailable",
+    "FillResult",
+    "GenfillError",
+    "Job",
+    "JobCancelled",
+    "JobError",
+    "JobEvent",
+    "JobFailed",
+    "LimitExceeded",
+    "Mode",
+    "ProtocolError",
+    "Scheduler",
+    "Size",
+]

@@ -1,0 +1,99 @@
+"""Exceptions raised by the genfill SDK.
+
+Every error the server reports carries a stable ``code`` (``genfill.protocol.ErrorCode``);
+``error_for_code`` is the one place that maps codes to classes. The tree::
+
+    GenfillError
+    ├── ConnectError                 the server could not be reached or refused the handshake
+    │   └── AuthenticationError      wrong or missing token, refused origin or host
+    ├── ProtocolError                a malformed or unexpected message, either direction
+    ├── LimitExceeded                over one of the server's announced limits
+    ├── ConnectionClosed             the connection dropped while a call was waiting
+    └── JobError                     a job did not produce a result
+        ├── JobFailed                bad input for this job, or the engine failed
+        ├── JobCancelled             the job was cancelled
+        └── EngineUnavailable        the engine or model asked for is not installed
+"""
+
+from __future__ import annotations
+
+from .protocol import ErrorCode
+
+
+class GenfillError(Exception):
+    """Root of every genfill exception. ``code`` is a stable ``ErrorCode`` value or ``None``."""
+
+    def __init__(self, message: str, *, code: str | None = None, job_id: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.job_id = job_id
+
+
+class ConnectError(GenfillError):
+    pass
+
+
+class AuthenticationError(ConnectError):
+    pass
+
+
+class ProtocolError(GenfillError):
+    pass
+
+
+class LimitExceeded(GenfillError):
+    pass
+
+
+class ConnectionClosed(GenfillError):
+    pass
+
+
+class JobError(GenfillError):
+    pass
+
+
+class JobFailed(JobError):
+    pass
+
+
+class JobCancelled(JobError):
+    pass
+
+
+class EngineUnavailable(JobError):
+    pass
+
+
+_CLASS_BY_CODE: dict[ErrorCode, type[GenfillError]] = {
+    ErrorCode.BAD_MESSAGE: ProtocolError,
+    ErrorCode.UNSUPPORTED_PROTOCOL: ProtocolError,
+    ErrorCode.UNKNOWN_IMAGE: ProtocolError,
+    ErrorCode.UNKNOWN_JOB: ProtocolError,
+    ErrorCode.JOB_ID_IN_USE: ProtocolError,
+    ErrorCode.LIMIT_EXCEEDED: LimitExceeded,
+    ErrorCode.RATE_LIMITED: LimitExceeded,
+    ErrorCode.QUEUE_FULL: LimitExceeded,
+    ErrorCode.IMAGE_TOO_LARGE: LimitExceeded,
+    ErrorCode.IMAGE_INVALID: JobFailed,
+    ErrorCode.SIZE_MISMATCH: JobFailed,
+    ErrorCode.EMPTY_SELECTION: JobFailed,
+    ErrorCode.INVALID_REQUEST: JobFailed,
+    ErrorCode.OUT_OF_MEMORY: JobFailed,
+    ErrorCode.ENGINE_FAILED: JobFailed,
+    ErrorCode.INTERNAL_ERROR: JobFailed,
+    ErrorCode.SHUTTING_DOWN: ConnectionClosed,
+    ErrorCode.ENGINE_UNAVAILABLE: EngineUnavailable,
+    ErrorCode.MODEL_NOT_FOUND: EngineUnavailable,
+    ErrorCode.WEIGHTS_NOT_INSTALLED: EngineUnavailable,
+}
+
+
+def error_for_code(code: str, message: str, *, job_id: str | None = None) -> GenfillError:
+    """Builds the exception for a server error code; unknown codes become ``GenfillError``."""
+    try:
+        cls = _CLASS_BY_CODE[ErrorCode(code)]
+    except ValueError:
+        cls = GenfillError
+    return cls(message, code=code, job_id=job_id)

@@ -1,0 +1,125 @@
+"""Image conversions at the SDK's edges: user inputs to arrays, arrays to binary frames.
+
+Pillow is used here only to decode and encode files; geometry lives in ``genfill.fill``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Union
+
+import numpy as np
+
+from .protocol import FrameHeader, ImageFormat, decode_frame, encode_frame
+
+if TYPE_CHECKING:
+    from PIL import Image as PILImage
+
+ImageInput = Union["PILImage.Image", np.ndarray, str, os.PathLike]
+"""A PIL image, a numpy array ((H, W), (H, W, 3) or (H, W, 4) uint8) or a path to an image file."""
+
+
+def to_rgba(image: ImageInput) -> np.ndarray:
+    """Returns an ``(H, W, 4)`` uint8 RGBA copy of ``image``.
+
+    Raises:
+        ValueError: the array has another shape or dtype, or the file is not an image.
+    """
+    array = _to_array(image, "RGBA")
+    if array.ndim == 2:
+        array = np.repeat(array[:, :, None], 3, axis=2)
+    if array.ndim != 3 or array.shape[2] not in (3, 4):
+        raise ValueError(f"image must be (H, W), (H, W, 3) or (H, W, 4), got shape {array.shape}")
+    if array.shape[2] == 3:
+        alpha = np.full(array.shape[:2] + (1,), 255, dtype=np.uint8)
+        array = np.concatenate([array, alpha], axis=2)
+    return np.ascontiguousarray(array)
+
+
+def to_mask(mask: ImageInput) -> np.ndarray:
+    """Returns an ``(H, W)`` uint8 selection: 0 keeps, 255 replaces.
+
+    A PIL image or file in mode L is used as is; RGB(A) inputs use their luminance, except that
+    an RGBA mask whose colour is uniform uses its alpha (a selection exported as a layer).
+    """
+    array = _to_array(mask, "L")
+    if array.ndim == 3:
+        if array.shape[2] == 4 and np.all(array[:, :, :3] == array[:1, :1, :3]):
+            array = array[:, :, 3]
+        elif array.shape[2] in (3, 4):
+            rgb = array[:, :, :3].astype(np.uint32)
+            array = ((rgb[:, :, 0] * 299 + rgb[:, :, 1] * 587 + rgb[:, :, 2] * 114 + 500) // 1000).astype(np.uint8)
+        elif array.shape[2] == 1:
+            array = array[:, :, 0]
+    if array.ndim != 2:
+        raise ValueError(f"mask must be (H, W) or an image, got shape {array.shape}")
+    return np.ascontiguousarray(array)
+
+
+def _to_array(image: ImageInput, pil_mode: str) -> np.ndarray:
+    if isinstance(image, np.ndarray):
+        if image.dtype == np.bool_:
+            return image.astype(np.uint8) * 255
+        if image.dtype != np.uint8:
+            raise ValueError(f"image arrays must be uint8, got {image.dtype}")
+        return image.copy()
+    if isinstance(image, (str, os.PathLike)):
+        from PIL import Image, UnidentifiedImageError
+
+        path = Path(image)
+        try:
+            with Image.open(path) as opened:
+                return _pil_to_array(opened, pil_mode)
+        except (UnidentifiedImageError, OSError) as exc:
+            raise ValueError(f"cannot read an image from {str(path)!r}: {exc}") from exc
+    if hasattr(image, "mode") and hasattr(image, "convert"):
+        return _pil_to_array(image, pil_mode)
+    raise TypeError(f"expected a PIL image, a numpy array or a path, got {type(image).__name__}")
+
+
+def _pil_to_array(image: PILImage.Image, pil_mode: str) -> np.ndarray:
+    if pil_mode == "L" and image.mode in ("L", "1", "P", "I", "I;16", "F"):
+        return np.asarray(image.convert("L"))
+    if image.mode in ("RGBA", "RGB", "L"):
+        return np.asarray(image)
+    return np.asarray(image.convert("RGBA"))
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    # compress_level 1: these frames cross loopback, where deflate time dominates transfer.
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def frame_from_array(array: np.ndarray, fmt: ImageFormat = ImageFormat.RGBA8) -> bytes:
+    """Encodes an ``(H, W, 4)`` RGBA or ``(H, W)`` gray uint8 array as a binary frame."""
+    height, width = array.shape[:2]
+    if fmt is ImageFormat.PNG:
+        return encode_frame(fmt, width, height, encode_png(array))
+    if fmt is ImageFormat.RGBA8 and (array.ndim != 3 or array.shape[2] != 4):
+        raise ValueError(f"rgba8 frames need (H, W, 4) arrays, got {array.shape}")
+    if fmt is ImageFormat.GRAY8 and array.ndim != 2:
+        raise ValueError(f"gray8 frames need (H, W) arrays, got {array.shape}")
+    return encode_frame(fmt, width, height, np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+def array_from_frame(header: FrameHeader, payload: bytes | memoryview) -> np.ndarray:
+    """Decodes a checked frame payload to an RGBA ``(H, W, 4)`` or gray ``(H, W)`` uint8 array."""
+    if header.format is ImageFormat.RGBA8:
+        return np.frombuffer(bytes(payload), dtype=np.uint8).reshape(header.height, header.width, 4)
+    if header.format is ImageFormat.GRAY8:
+        return np.frombuffer(bytes(payload), dtype=np.uint8).reshape(header.height, header.width)
+    from PIL import Image
+
+    with Image.open(io.BytesIO(bytes(payload))) as image:
+        return _pil_to_array(image, "RGBA")
+
+
+def decode_image_frame(frame: bytes) -> tuple[FrameHeader, np.ndarray]:
+    header, payload = decode_frame(frame)
+    return header, array_from_frame(header, payload)

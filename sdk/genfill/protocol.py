@@ -1,0 +1,422 @@
+"""The genfill wire protocol: every message the server and its clients exchange.
+
+This is the only module that both the server and the SDK import. Anything that changes the
+pixels of a result belongs in ``FillRequest``; a retried request with the same seed gives the
+same pixels.
+
+One websocket per client. Control messages are JSON text frames whose ``type`` field names
+the model below. Pixels travel as binary frames (never base64 in JSON): a fixed 48-byte
+header (see ``FrameHeader``) followed by the payload. Images are content-addressed by the
+sha256 of their payload, so a client asks ``has_images`` before uploading and never sends the
+same layer twice.
+
+A job's life, as the client sees it::
+
+    submit -> accepted -> progress* -> result | error | cancelled
+
+Binary frames a result refers to are always sent before the ``result`` message itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import struct
+from enum import StrEnum
+from typing import Annotated, Literal, NamedTuple, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+
+PROTOCOL_VERSION = 1
+
+ImageId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the payload, hex")]
+JobId = Annotated[
+    str,
+    Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="chosen by the client, unique per client"),
+]
+MAX_SEED = 2**32 - 1
+
+
+class Mode(StrEnum):
+    """What the selection is for; decides the pre-fill and the defaults."""
+
+    FILL = "fill"
+    EXPAND = "expand"
+    ADD = "add"
+    REMOVE = "remove"
+
+
+class ImageFormat(StrEnum):
+    RGBA8 = "rgba8"
+    GRAY8 = "gray8"
+    PNG = "png"
+
+
+class Scheduler(StrEnum):
+    DDIM = "ddim"
+    EULER = "euler"
+    EULER_ANCESTRAL = "euler_a"
+    DPMPP_2M = "dpmpp_2m"
+    DPMPP_2M_KARRAS = "dpmpp_2m_karras"
+    UNIPC = "unipc"
+
+
+class ControlType(StrEnum):
+    CANNY = "canny"
+    LINEART_STANDARD = "lineart_standard"
+    SHUFFLE = "shuffle"
+    LINEART = "lineart"
+    DEPTH = "depth"
+    POSE = "pose"
+    HED = "hed"
+    MLSD = "mlsd"
+    SCRIBBLE = "scribble"
+    INPAINT = "inpaint"
+
+
+class ErrorCode(StrEnum):
+    """Stable error codes. Clients map them to exception classes; never rename one."""
+
+    BAD_MESSAGE = "bad_message"
+    UNSUPPORTED_PROTOCOL = "unsupported_protocol"
+    LIMIT_EXCEEDED = "limit_exceeded"
+    RATE_LIMITED = "rate_limited"
+    QUEUE_FULL = "queue_full"
+    IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_INVALID = "image_invalid"
+    UNKNOWN_IMAGE = "unknown_image"
+    SIZE_MISMATCH = "size_mismatch"
+    EMPTY_SELECTION = "empty_selection"
+    INVALID_REQUEST = "invalid_request"
+    JOB_ID_IN_USE = "job_id_in_use"
+    UNKNOWN_JOB = "unknown_job"
+    ENGINE_UNAVAILABLE = "engine_unavailable"
+    MODEL_NOT_FOUND = "model_not_found"
+    WEIGHTS_NOT_INSTALLED = "weights_not_installed"
+    OUT_OF_MEMORY = "out_of_memory"
+    ENGINE_FAILED = "engine_failed"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL_ERROR = "internal_error"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class WireBox(_Message):
+    """A rectangle in canvas pixels; ``genfill.fill.Box`` is its in-memory twin."""
+
+    x: int = Field(ge=0)
+    y: int = Field(ge=0)
+    width: int = Field(gt=0)
+    height: int = Field(gt=0)
+
+
+class Margins(_Message):
+    """How far to grow the canvas on each side when expanding, in pixels."""
+
+    left: int = Field(0, ge=0, le=16384)
+    right: int = Field(0, ge=0, le=16384)
+    top: int = Field(0, ge=0, le=16384)
+    bottom: int = Field(0, ge=0, le=16384)
+
+    @property
+    def is_empty(self) -> bool:
+        return not (self.left or self.right or self.top or self.bottom)
+
+
+class ControlInput(_Message):
+    """ControlNet guidance. ``image`` is a ready control image; without it the server derives
+    one from the canvas with the preprocessor named by ``type``."""
+
+    type: ControlType
+    strength: float = Field(1.0, ge=0.0, le=2.0)
+    image: ImageId | None = None
+    start: float = Field(0.0, ge=0.0, le=1.0)
+    end: float = Field(1.0, ge=0.0, le=1.0)
+
+
+class Limits(_Message):
+    """Limits the server enforces, announced in ``hello``. Over a limit a client gets a
+    ``limit_exceeded``-family error; the connection and the server stay up."""
+
+    max_message_bytes: int = Field(80 * 2**20, gt=0)
+    max_image_pixels: int = Field(4096 * 4096, gt=0)
+    max_image_side: int = Field(16384, gt=0)
+    max_queued_jobs_per_client: int = Field(16, gt=0)
+    max_variations: int = Field(8, gt=0)
+    max_steps: int = Field(150, gt=0)
+    max_prompt_chars: int = Field(4000, gt=0)
+    max_held_upload_bytes_per_client: int = Field(512 * 2**20, gt=0)
+    max_messages_per_second: float = Field(200.0, gt=0)
+
+
+class FillRequest(_Message):
+    """Everything that decides the pixels of a fill.
+
+    ``image`` is RGBA (or RGB/gray, promoted to RGBA) and ``mask`` an 8-bit selection of the same
+    size: 0 keeps a pixel, 255 replaces it, values between replace it partly. When the client
+    sends only the part of a larger canvas around the selection, ``region`` says where that part
+    sits, so the result's box comes back in canvas coordinates. ``None`` in a generation option
+    means "the engine's default for this model and mode".
+    """
+
+    image: ImageId
+    mask: ImageId | None = None
+    region: WireBox | None = None
+    prompt: str = ""
+    negative_prompt: str = ""
+    mode: Mode = Mode.FILL
+    engine: str | None = Field(None, max_length=64)
+    model: str | None = Field(None, max_length=256)
+    variations: int = Field(3, ge=1)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    steps: int | None = Field(None, ge=1)
+    strength: float | None = Field(None, ge=0.0, le=1.0)
+    guidance: float | None = Field(None, ge=0.0, le=30.0)
+    scheduler: Scheduler | None = None
+    grow_px: int | None = Field(None, ge=0, le=512)
+    feather_px: int | None = Field(None, ge=0, le=512)
+    blend_px: int | None = Field(None, ge=0, le=512)
+    expand: Margins | None = None
+    control: list[ControlInput] = Field(default_factory=list, max_length=4)
+
+    @field_validator("expand")
+    @classmethod
+    def _expand_not_empty(cls, value: Margins | None) -> Margins | None:
+        if value is not None and value.is_empty:
+            raise ValueError("expand margins are all 0: grow at least one side")
+        return value
+
+
+# Client -> server
+
+
+class HasImages(_Message):
+    type: Literal["has_images"] = "has_images"
+    image_ids: list[ImageId] = Field(max_length=64)
+
+
+class Submit(_Message):
+    """Start a job. Re-sending a ``job_id`` already in use never starts a second job: the
+    server answers ``accepted`` again (``duplicate``) while the same request is pending or
+    running, and ``job_id_in_use`` for a different request."""
+
+    type: Literal["submit"] = "submit"
+    job_id: JobId
+    request: FillRequest
+    result_format: Literal["rgba8", "png"] = "rgba8"
+    previews: bool = True
+
+
+class Cancel(_Message):
+    type: Literal["cancel"] = "cancel"
+    job_id: JobId
+
+
+ClientMessage = Annotated[Union[HasImages, Submit, Cancel], Field(discriminator="type")]
+
+
+# Server -> client
+
+
+class EngineInfo(_Message):
+    name: str
+    available: bool
+    modes: list[Mode]
+    description: str = ""
+
+
+class ModelInfo(_Message):
+    name: str
+    engine: str
+    architecture: str
+    inpaint: bool
+    native_size: int
+    source: str = Field(description="where it was found: hf_cache, folder or single_file")
+    modes: list[Mode]
+    control: list[ControlType] = Field(default_factory=list)
+
+
+class Hello(_Message):
+    type: Literal["hello"] = "hello"
+    server_version: str
+    protocol_version: int
+    engines: list[EngineInfo]
+    models: list[ModelInfo]
+    default_engine: str
+    limits: Limits
+
+
+class ImageStatus(_Message):
+    type: Literal["image_status"] = "image_status"
+    present: list[ImageId]
+    missing: list[ImageId]
+
+
+class Uploaded(_Message):
+    type: Literal["uploaded"] = "uploaded"
+    image_id: ImageId
+    width: int
+    height: int
+
+
+class Accepted(_Message):
+    type: Literal["accepted"] = "accepted"
+    job_id: JobId
+    queue_position: int = Field(ge=0, description="jobs ahead of this one; 0 runs next")
+    duplicate: bool = False
+
+
+class Progress(_Message):
+    type: Literal["progress"] = "progress"
+    job_id: JobId
+    step: int = Field(ge=0)
+    total: int = Field(ge=1)
+    preview: ImageId | None = None
+
+
+class Variation(_Message):
+    image: ImageId
+    seed: int
+
+
+class Result(_Message):
+    """A finished job. Each variation's image is an RGBA layer the size of ``box``, to be
+    placed at ``box``'s offset in the canvas; its alpha is 0 wherever the canvas must stay
+    unchanged. For ``expand`` the box is in the grown canvas, whose origin is the old one's
+    moved by (``left``, ``top``)."""
+
+    type: Literal["result"] = "result"
+    job_id: JobId
+    box: WireBox
+    variations: list[Variation]
+    engine: str
+    model: str | None = None
+    seconds: float = 0.0
+
+
+class Error(_Message):
+    type: Literal["error"] = "error"
+    code: ErrorCode
+    message: str
+    job_id: str | None = None
+
+
+class Cancelled(_Message):
+    type: Literal["cancelled"] = "cancelled"
+    job_id: JobId
+
+
+ServerMessage = Annotated[
+    Union[Hello, ImageStatus, Uploaded, Accepted, Progress, Result, Error, Cancelled],
+    Field(discriminator="type"),
+]
+
+client_message_adapter: TypeAdapter[HasImages | Submit | Cancel] = TypeAdapter(ClientMessage)
+server_message_adapter: TypeAdapter[
+    Hello | ImageStatus | Uploaded | Accepted | Progress | Result | Error | Cancelled
+] = TypeAdapter(ServerMessage)
+
+
+def parse_client_message(data: str | bytes) -> HasImages | Submit | Cancel:
+    """Parses one JSON text frame from a client. Raises ``pydantic.ValidationError``."""
+    return client_message_adapter.validate_json(data)
+
+
+def parse_server_message(
+    data: str | bytes,
+) -> Hello | ImageStatus | Uploaded | Accepted | Progress | Result | Error | Cancelled:
+    """Parses one JSON text frame from the server. Raises ``pydantic.ValidationError``."""
+    return server_message_adapter.validate_json(data)
+
+
+def json_schema() -> dict:
+    """The JSON schema of both directions, as ``genfill schema`` prints it."""
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": f"genfill protocol v{PROTOCOL_VERSION}",
+        "client_to_server": client_message_adapter.json_schema(),
+        "server_to_client": server_message_adapter.json_schema(),
+        "fill_request": FillRequest.model_json_schema(),
+    }
+
+
+# Binary frames
+
+FRAME_MAGIC = b"GFIM"
+_FORMAT_CODES = {ImageFormat.RGBA8: 0, ImageFormat.GRAY8: 1, ImageFormat.PNG: 2}
+_FORMATS_BY_CODE = {code: fmt for fmt, code in _FORMAT_CODES.items()}
+_HEADER = struct.Struct(">4sBBHII32s")
+FRAME_HEADER_BYTES = _HEADER.size  # 48
+_BYTES_PER_PIXEL = {ImageFormat.RGBA8: 4, ImageFormat.GRAY8: 1}
+
+
+class FrameError(ValueError):
+    """A binary frame is malformed: bad magic, unknown format, or a header that lies."""
+
+
+class FrameHeader(NamedTuple):
+    """The 48-byte header of a binary image frame, big-endian::
+
+        magic "GFIM" | format u8 | flags u8 | reserved u16 | width u32 | height u32 | sha256[32]
+
+    ``sha256`` is the digest of the payload that follows and doubles as the image id. For raw
+    formats the payload is exactly ``width * height * channels`` bytes, rows top to bottom; for
+    PNG ``width`` and ``height`` repeat the PNG's own header.
+    """
+
+    format: ImageFormat
+    width: int
+    height: int
+    image_id: str
+
+
+def image_id(payload: bytes | bytearray | memoryview) -> str:
+    return hashlib.sha256(payload).hexdigest()
+
+
+def encode_frame(fmt: ImageFormat, width: int, height: int, payload: bytes) -> bytes:
+    """Builds a binary frame; the image id is the payload's sha256."""
+    expected = _BYTES_PER_PIXEL.get(fmt)
+    if expected is not None and len(payload) != width * height * expected:
+        raise FrameError(f"{fmt} payload is {len(payload)} bytes, expected {width}x{height}x{expected}")
+    digest = hashlib.sha256(payload).digest()
+    return _HEADER.pack(FRAME_MAGIC, _FORMAT_CODES[fmt], 0, 0, width, height, digest) + payload
+
+
+def frame_image_id(frame: bytes | bytearray | memoryview) -> str:
+    """The image id of a frame built by ``encode_frame``, read from its header unchecked."""
+    return bytes(memoryview(frame)[FRAME_HEADER_BYTES - 32 : FRAME_HEADER_BYTES]).hex()
+
+
+def decode_frame(frame: bytes | bytearray | memoryview) -> tuple[FrameHeader, memoryview]:
+    """Splits and checks a binary frame. Raises ``FrameError`` if the header lies."""
+    view = memoryview(frame)
+    if len(view) < FRAME_HEADER_BYTES:
+        raise FrameError(f"binary frame of {len(view)} bytes is shorter than its header")
+    magic, code, _flags, _reserved, width, height, digest = _HEADER.unpack_from(view)
+    if magic != FRAME_MAGIC:
+        raise FrameError("binary frame does not start with GFIM")
+    fmt = _FORMATS_BY_CODE.get(code)
+    if fmt is None:
+        raise FrameError(f"unknown image format code {code}")
+    if width == 0 or height == 0:
+        raise FrameError(f"image size {width}x{height} is empty")
+    payload = view[FRAME_HEADER_BYTES:]
+    expected = _BYTES_PER_PIXEL.get(fmt)
+    if expected is not None and len(payload) != width * height * expected:
+        raise FrameError(
+            f"header says {width}x{height} {fmt} ({width * height * expected} bytes), "
+            f"payload is {len(payload)} bytes"
+        )
+    if hashlib.sha256(payload).digest() != digest:
+        raise FrameError("payload does not match the sha256 in the frame header")
+    return FrameHeader(fmt, width, height, digest.hex()), payload
+
+
+_JOB_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+def is_valid_job_id(value: object) -> bool:
+    return isinstance(value, str) and _JOB_ID.match(value) is not None

@@ -1,0 +1,1 @@
+"""genfill server: websocket app, job queue, engines and model registry."""

@@ -1,0 +1,496 @@
+"""The genfill server: a websocket app on one port, with two plain HTTP endpoints.
+
+- ``GET /v1/health``: liveness, no token needed.
+- ``GET /v1/models``: engines and models, token needed.
+- websocket on ``/`` (or ``/v1/ws``): the protocol of ``genfill.protocol``, token needed.
+
+Every request passes the same gate first (``_gate``): the Host header must name this server
+(DNS rebinding), an Origin header must be allow-listed (``Origin: null`` never is), and, except
+for health, ``Authorization: Bearer <token>`` must match, compared in constant time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from pathlib import Path
+
+import numpy as np
+from genfill import __version__
+from genfill.images import frame_from_array
+from genfill.protocol import (
+    MAX_SEED,
+    PROTOCOL_VERSION,
+    Accepted,
+    Cancel,
+    Cancelled,
+    EngineInfo,
+    Error,
+    ErrorCode,
+    HasImages,
+    Hello,
+    ImageFormat,
+    ImageStatus,
+    Limits,
+    Mode,
+    Progress,
+    Result,
+    Submit,
+    Uploaded,
+    Variation,
+    WireBox,
+    frame_image_id,
+    is_valid_job_id,
+    parse_client_message,
+)
+from genfill.state import ServerState, remove_state, write_state
+from pydantic import ValidationError
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from .engines import EngineSet
+from .engines.base import JobCancelledError
+from .errors import RequestError
+from .images import ImageStore, decode_upload
+from .jobs import ClientHandle, FairQueue, Job
+from .pipeline import prepare_canvas, run_fill
+
+logger = logging.getLogger("genfill.server")
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
+_PREVIEW_EVERY_S = 0.25
+_FINISHED_JOBS_KEPT = 16
+
+
+@dataclass
+class ServerConfig:
+    """How a server runs. ``token=None`` makes a random one per launch."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    token: str | None = None
+    state_file: Path | None = None
+    write_state_file: bool = True
+    limits: Limits = field(default_factory=Limits)
+    allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    devices: tuple[str, ...] = ("cpu",)
+
+
+class _RateLimiter:
+    """Token bucket: ``rate`` messages a second, bursts up to one second's worth."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.tokens = rate
+        self.stamp = time.monotonic()
+
+    def allow(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+@dataclass
+class _ClientState:
+    handle: ClientHandle
+    rate: _RateLimiter
+    jobs: dict[str, Job] = field(default_factory=dict)
+    finished: OrderedDict[str, tuple[str, list[str | bytes]]] = field(default_factory=OrderedDict)
+    """Recently finished jobs: request fingerprint and the frames that answered it, replayed
+    when a client retries a job id it already got an answer for."""
+
+
+class GenfillServer:
+    """Owns the listening socket, the queue, the workers and the engines.
+
+    Use ``async with GenfillServer(config, engines) as server`` (or ``start()``/``stop()``);
+    ``server.url`` and ``server.token`` are set once it listens.
+    """
+
+    def __init__(self, config: ServerConfig, engines: EngineSet) -> None:
+        self.config = config
+        self.engines = engines
+        self.token = config.token or secrets.token_urlsafe(32)
+        self.limits = config.limits
+        self.images = ImageStore(config.limits)
+        self.queue = FairQueue()
+        self._clients: dict[int, _ClientState] = {}
+        self._next_client_id = 0
+        self._server: Server | None = None
+        self._workers: list[asyncio.Task] = []
+        self._allowed_hosts: set[str] = set()
+        self._state_path: Path | None = None
+        self.port: int | None = None
+        self.stopping = False
+
+    @property
+    def url(self) -> str:
+        host = self.config.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"ws://{host}:{self.port}"
+
+    async def __aenter__(self) -> GenfillServer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        config = self.config
+        self._server = await serve(
+            self._handle_connection,
+            config.host,
+            config.port,
+            process_request=self._gate,
+            compression=None,
+            max_size=config.limits.max_message_bytes,
+            # Bounded send buffers: a client that stops reading cannot make the server hold
+            # more than a few frames for it.
+            write_limit=2**20,
+            server_header=f"genfill/{__version__}",
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self._allowed_hosts = self._hosts_for(config.host, self.port) | set(config.allowed_hosts)
+        self.engines.load_default()
+        for device in config.devices:
+            self._workers.append(asyncio.create_task(self._worker(device), name=f"genfill-worker-{device}"))
+        if config.write_state_file:
+            self._state_path = write_state(
+                ServerState(url=self.url, token=self.token, pid=_pid(), version=__version__), config.state_file
+            )
+        logger.info("genfill %s listening on %s", __version__, self.url)
+
+    async def stop(self, reason: str = "server shutting down") -> None:
+        """Stops accepting, tells connected clients why, ends the workers."""
+        self.stopping = True
+        for client in list(self._clients.values()):
+            for job in list(client.jobs.values()):
+                job.cancel_requested.set()
+        if self._server is not None:
+            self._server.close(close_connections=False)
+            for connection in list(self._server.connections):
+                await connection.close(code=1001, reason=reason)
+            await self._server.wait_closed()
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
+        self.engines.close()
+        if self._state_path is not None:
+            remove_state(self._state_path, self.token)
+            self._state_path = None
+
+    @staticmethod
+    def _hosts_for(host: str, port: int) -> set[str]:
+        if host in ("0.0.0.0", "::", ""):
+            return set()
+        names = {host, f"[{host}]"} | (set(LOOPBACK_HOSTS) if host in LOOPBACK_HOSTS else set())
+        return {f"{name}:{port}" for name in names}
+
+    # HTTP gate and endpoints
+
+    def _gate(self, connection: ServerConnection, request: Request) -> Response | None:
+        headers = request.headers
+        host = headers.get("Host", "")
+        if self._allowed_hosts and host.lower() not in self._allowed_hosts:
+            return connection.respond(HTTPStatus.FORBIDDEN, "host not allowed\n")
+        origin = headers.get("Origin")
+        if origin is not None and origin not in self.config.allowed_origins:
+            return connection.respond(HTTPStatus.FORBIDDEN, "origin not allowed\n")
+        path = request.path.split("?", 1)[0]
+        if path == "/v1/health":
+            return self._json(
+                connection,
+                {"status": "ok", "version": __version__, "protocol_version": PROTOCOL_VERSION},
+            )
+        if not self._authorized(headers.get("Authorization", "")):
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "token missing or wrong\n")
+        if path == "/v1/models":
+            return self._json(connection, self.engines.catalogue())
+        if path not in ("/", "/v1/ws"):
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        if self.stopping:
+            return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "server shutting down\n")
+        return None
+
+    def _authorized(self, authorization: str) -> bool:
+        scheme, _, presented = authorization.partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(presented.strip().encode(), self.token.encode())
+
+    @staticmethod
+    def _json(connection: ServerConnection, payload: dict) -> Response:
+        response = connection.respond(HTTPStatus.OK, json.dumps(payload))
+        del response.headers["Content-Type"]
+        response.headers["Content-Type"] = "application/json"
+        return response
+
+    # Websocket connections
+
+    def _hello(self) -> Hello:
+        catalogue = self.engines.catalogue()
+        return Hello(
+            server_version=__version__,
+            protocol_version=PROTOCOL_VERSION,
+            engines=[EngineInfo(**info) for info in catalogue["engines"]],
+            models=catalogue["models"],
+            default_engine=self.engines.default_name,
+            limits=self.limits,
+        )
+
+    async def _handle_connection(self, websocket: ServerConnection) -> None:
+        self._next_client_id += 1
+        handle = ClientHandle(self._next_client_id, asyncio.Queue())
+        client = _ClientState(handle, _RateLimiter(self.limits.max_messages_per_second))
+        self._clients[handle.client_id] = client
+        writer = asyncio.create_task(self._write_loop(websocket, handle))
+        try:
+            handle.send(self._hello().model_dump_json())
+            async for data in websocket:
+                try:
+                    if not client.rate.allow():
+                        raise RequestError(ErrorCode.RATE_LIMITED, "too many messages: slow down")
+                    if isinstance(data, bytes):
+                        await self._on_upload(client, data)
+                    else:
+                        self._on_text(client, data)
+                except RequestError as exc:
+                    handle.send(Error(code=exc.code, message=exc.message, job_id=_job_id_of(data)).model_dump_json())
+        except ConnectionClosed:
+            pass
+        finally:
+            handle.connected = False
+            for job in list(client.jobs.values()):
+                self._cancel(client, job, notify=False)
+            self.images.release_client(handle.client_id)
+            del self._clients[handle.client_id]
+            writer.cancel()
+
+    async def _write_loop(self, websocket: ServerConnection, handle: ClientHandle) -> None:
+        try:
+            while True:
+                item = await handle.outbox.get()
+                await websocket.send(item)
+        except ConnectionClosed:
+            handle.connected = False
+
+    async def _on_upload(self, client: _ClientState, frame: bytes) -> None:
+        # Decoding a large PNG takes long enough to stall every other client.
+        if len(frame) > 2**20:
+            image = await asyncio.to_thread(decode_upload, frame, self.limits)
+        else:
+            image = decode_upload(frame, self.limits)
+        self.images.add(image, client.handle.client_id)
+        height, width = image.array.shape[:2]
+        client.handle.send(Uploaded(image_id=image.image_id, width=width, height=height).model_dump_json())
+
+    def _on_text(self, client: _ClientState, data: str) -> None:
+        try:
+            message = parse_client_message(data)
+        except ValidationError as exc:
+            raise _validation_error(exc, data) from None
+        if isinstance(message, HasImages):
+            present = [i for i in message.image_ids if self.images.claim(i, client.handle.client_id)]
+            missing = [i for i in message.image_ids if i not in present]
+            client.handle.send(ImageStatus(present=present, missing=missing).model_dump_json())
+        elif isinstance(message, Submit):
+            self._submit(client, message)
+        elif isinstance(message, Cancel):
+            job = client.jobs.get(message.job_id)
+            if job is None:
+                raise RequestError(ErrorCode.UNKNOWN_JOB, f"no job {message.job_id!r} is queued or running")
+            self._cancel(client, job, notify=True)
+
+    def _submit(self, client: _ClientState, submit: Submit) -> None:
+        if self.stopping:
+            raise RequestError(ErrorCode.SHUTTING_DOWN, "the server is shutting down")
+        request = submit.request
+        fingerprint = submit.model_dump_json(exclude={"previews"})
+        running = client.jobs.get(submit.job_id)
+        if running is not None:
+            if running.submit.model_dump_json(exclude={"previews"}) != fingerprint:
+                raise RequestError(ErrorCode.JOB_ID_IN_USE, f"job id {submit.job_id!r} is in use by another request")
+            client.handle.send(
+                Accepted(job_id=submit.job_id, queue_position=self.queue.position(running), duplicate=True).model_dump_json()
+            )
+            return
+        if submit.job_id in client.finished:
+            kept_fingerprint, frames = client.finished[submit.job_id]
+            if kept_fingerprint != fingerprint:
+                raise RequestError(ErrorCode.JOB_ID_IN_USE, f"job id {submit.job_id!r} was used by another request")
+            for frame in frames:
+                client.handle.send(frame)
+            return
+        self._check_limits(request)
+        if self.queue.count(client.handle.client_id) >= self.limits.max_queued_jobs_per_client:
+            raise RequestError(
+                ErrorCode.QUEUE_FULL,
+                f"{self.limits.max_queued_jobs_per_client} jobs already queued: wait for one to finish",
+            )
+        engine_name = self.engines.resolve(request)
+        client_id = client.handle.client_id
+        image = self.images.get(request.image, client_id).array
+        mask = self.images.get(request.mask, client_id).array if request.mask else None
+        canvas, selection = prepare_canvas(request, image, mask)
+        if request.mode is not Mode.EXPAND and not selection.any():
+            raise RequestError(ErrorCode.EMPTY_SELECTION, "the selection is empty: nothing to fill")
+        base_seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+        seeds = [(base_seed + index) % (MAX_SEED + 1) for index in range(request.variations)]
+        job = Job(submit.job_id, client.handle, submit, canvas, selection, seeds, engine_name)
+        client.jobs[job.job_id] = job
+        position = self.queue.put(job)
+        client.handle.send(Accepted(job_id=job.job_id, queue_position=position).model_dump_json())
+
+    def _check_limits(self, request) -> None:
+        limits = self.limits
+        if request.variations > limits.max_variations:
+            raise RequestError(ErrorCode.LIMIT_EXCEEDED, f"variations={request.variations} is over the limit of {limits.max_variations}")
+        if request.steps is not None and request.steps > limits.max_steps:
+            raise RequestError(ErrorCode.LIMIT_EXCEEDED, f"steps={request.steps} is over the limit of {limits.max_steps}")
+        if len(request.prompt) > limits.max_prompt_chars or len(request.negative_prompt) > limits.max_prompt_chars:
+            raise RequestError(ErrorCode.LIMIT_EXCEEDED, f"prompt is over the limit of {limits.max_prompt_chars} characters")
+
+    def _cancel(self, client: _ClientState, job: Job, *, notify: bool) -> None:
+        if job.state == "queued" and self.queue.remove(job):
+            job.state = "finished"
+            client.jobs.pop(job.job_id, None)
+            if notify:
+                client.handle.send(Cancelled(job_id=job.job_id).model_dump_json())
+            return
+        # Running: the worker sees the flag at the next step and answers ``cancelled``.
+        job.cancel_requested.set()
+
+    # Workers
+
+    async def _worker(self, device: str) -> None:
+        while True:
+            job = await self.queue.get()
+            if job.cancel_requested.is_set():
+                self._finish(job, [Cancelled(job_id=job.job_id).model_dump_json()])
+                continue
+            job.state = "running"
+            frames = await self._run(job, device)
+            self._finish(job, frames)
+
+    def _finish(self, job: Job, frames: list[str | bytes]) -> None:
+        job.state = "finished"
+        for frame in frames:
+            job.client.send(frame)
+        client = self._clients.get(job.client.client_id)
+        if client is None:
+            return
+        client.jobs.pop(job.job_id, None)
+        if isinstance(frames[-1], str) and '"type":"result"' in frames[-1]:
+            client.finished[job.job_id] = (job.submit.model_dump_json(exclude={"previews"}), frames)
+            while len(client.finished) > _FINISHED_JOBS_KEPT:
+                client.finished.popitem(last=False)
+
+    async def _run(self, job: Job, device: str) -> list[str | bytes]:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        last_preview = [0.0]
+
+        def on_step(step: int, total: int, preview: np.ndarray | None) -> None:
+            if job.cancel_requested.is_set():
+                raise JobCancelledError(job.job_id)
+            frames: list[str | bytes] = []
+            preview_id = None
+            now = time.perf_counter()
+            if preview is not None and job.submit.previews and now - last_preview[0] >= _PREVIEW_EVERY_S:
+                last_preview[0] = now
+                rgba = np.dstack([preview, np.full(preview.shape[:2], 255, np.uint8)])
+                frame = frame_from_array(rgba)
+                preview_id = frame_image_id(frame)
+                frames.append(frame)
+            frames.append(Progress(job_id=job.job_id, step=step, total=max(total, 1), preview=preview_id).model_dump_json())
+            for frame in frames:
+                loop.call_soon_threadsafe(job.client.send, frame)
+
+        try:
+            engine = self.engines.get(job.engine_name, device)
+            result = await asyncio.to_thread(
+                run_fill, engine, job.request, job.canvas, job.selection, job.seeds, on_step
+            )
+            fmt = ImageFormat(job.submit.result_format)
+            frames: list[str | bytes] = await asyncio.to_thread(
+                lambda: [frame_from_array(layer, fmt) for layer in result.layers]
+            )
+        except JobCancelledError:
+            return [Cancelled(job_id=job.job_id).model_dump_json()]
+        except RequestError as exc:
+            return [Error(code=exc.code, message=exc.message, job_id=job.job_id).model_dump_json()]
+        except Exception as exc:  # noqa: BLE001 - every engine failure must reach the client as a code
+            return [self._engine_failure(job, exc)]
+        region = job.request.region
+        box = result.box
+        if region is not None:
+            box = box._replace(x=box.x + region.x, y=box.y + region.y)
+        message = Result(
+            job_id=job.job_id,
+            box=WireBox(**box._asdict()),
+            variations=[Variation(image=frame_image_id(frame), seed=seed) for frame, seed in zip(frames, job.seeds)],
+            engine=job.engine_name,
+            model=job.request.model,
+            seconds=round(time.perf_counter() - started, 4),
+        )
+        return [*frames, message.model_dump_json()]
+
+    def _engine_failure(self, job: Job, exc: Exception) -> str:
+        if type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower():
+            logger.warning("job %s ran out of memory on engine %s", job.job_id, job.engine_name)
+            self.engines.recover(job.engine_name)
+            return Error(
+                code=ErrorCode.OUT_OF_MEMORY,
+                message="the engine ran out of memory: try fewer variations or a smaller selection",
+                job_id=job.job_id,
+            ).model_dump_json()
+        logger.exception("job %s failed in engine %s", job.job_id, job.engine_name)
+        self.engines.recover(job.engine_name)
+        return Error(
+            code=ErrorCode.ENGINE_FAILED, message=f"the {job.engine_name} engine failed on this job", job_id=job.job_id
+        ).model_dump_json()
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+def _job_id_of(data: str | bytes) -> str | None:
+    if isinstance(data, bytes) or len(data) > 1_000_000:
+        return None
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return None
+    job_id = parsed.get("job_id") if isinstance(parsed, dict) else None
+    return job_id if is_valid_job_id(job_id) else None
+
+
+def _validation_error(exc: ValidationError, data: str) -> RequestError:
+    first = exc.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    if first["type"] == "json_invalid":
+        return RequestError(ErrorCode.BAD_MESSAGE, "message is not valid JSON")
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        return RequestError(ErrorCode.BAD_MESSAGE, "message has no known 'type'")
+    if where.startswith("submit.request"):
+        return RequestError(ErrorCode.INVALID_REQUEST, f"invalid {where.removeprefix('submit.')}: {first['msg']}")
+    return RequestError(ErrorCode.BAD_MESSAGE, f"invalid {where}: {first['msg']}")
