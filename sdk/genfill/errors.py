@@ -68,7 +68,6 @@ class EngineUnavailable(JobError):
 
 _CLASS_BY_CODE: dict[ErrorCode, type[GenfillError]] = {
     ErrorCode.BAD_MESSAGE: ProtocolError,
-    ErrorCode.UNSUPPORTED_PROTOCOL: ProtocolError,
     ErrorCode.UNKNOWN_IMAGE: ProtocolError,
     ErrorCode.UNKNOWN_JOB: ProtocolError,
     ErrorCode.JOB_ID_IN_USE: ProtocolError,
@@ -82,7 +81,6 @@ _CLASS_BY_CODE: dict[ErrorCode, type[GenfillError]] = {
     ErrorCode.INVALID_REQUEST: JobFailed,
     ErrorCode.OUT_OF_MEMORY: JobFailed,
     ErrorCode.ENGINE_FAILED: JobFailed,
-    ErrorCode.INTERNAL_ERROR: JobFailed,
     ErrorCode.SHUTTING_DOWN: ConnectionClosed,
     ErrorCode.ENGINE_UNAVAILABLE: EngineUnavailable,
     ErrorCode.MODEL_NOT_FOUND: EngineUnavailable,

@@ -78,7 +78,6 @@ class ErrorCode(StrEnum):
     """Stable error codes. Clients map them to exception classes; never rename one."""
 
     BAD_MESSAGE = "bad_message"
-    UNSUPPORTED_PROTOCOL = "unsupported_protocol"
     LIMIT_EXCEEDED = "limit_exceeded"
     RATE_LIMITED = "rate_limited"
     QUEUE_FULL = "queue_full"
@@ -96,7 +95,6 @@ class ErrorCode(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"
     ENGINE_FAILED = "engine_failed"
     SHUTTING_DOWN = "shutting_down"
-    INTERNAL_ERROR = "internal_error"
 
 
 class _Message(BaseModel):

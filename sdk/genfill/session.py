@@ -229,6 +229,8 @@ class ClientSession:
         self.jobs: dict[str, JobState] = {}
         self._server_images: set[str] = set()
         self._frames: OrderedDict[str, np.ndarray] = OrderedDict()
+        self.frames_uploaded = 0
+        """Image frames sent on this connection; the same image is never sent twice."""
 
     @property
     def limits(self) -> Limits:
@@ -371,7 +373,12 @@ class ClientSession:
         """The frames the server lacks, given its answer to ``has_images`` (``None``: not asked)."""
         present = set(status.present) if status else set()
         self._server_images.update(present)
-        return [frame for image_ref, frame in prepared.frames.items() if image_ref not in self._server_images]
+        frames = [frame for image_ref, frame in prepared.frames.items() if image_ref not in self._server_images]
+        # Counted as sent from here: the same job's mask and image may share an id, and a
+        # second job on this connection must not upload what the first one just did.
+        self._server_images.update(prepared.frames)
+        self.frames_uploaded += len(frames)
+        return frames
 
     def start(self, prepared: PreparedJob) -> JobState:
         if prepared.job_id in self.jobs and not self.jobs[prepared.job_id].finished:
