@@ -130,7 +130,8 @@ class Client:
             return
         settings = self._settings
         try:
-            self._ws = connect(settings.url, **settings.websocket_options())
+            # The connection outlives this call (closed by close()), hence no context manager.
+            self._ws = connect(settings.url, legacy=True, **settings.websocket_options())
             hello = self._ws.recv(timeout=settings.open_timeout_s)
         except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
             raise map_connect_error(exc, settings.url) from exc
