@@ -1,0 +1,77 @@
+"""Cheap progress previews: a fixed linear projection from latents to RGB, no decoder.
+
+Each latent family's 3-by-C matrix is a least-squares fit of decoded colours against
+latents, published by the community for exactly this (ComfyUI's ``latent_formats.py``). It
+applies to latents in the model's own (scaled) space, the space the denoiser works in.
+Decoding through the VAE would cost a large fraction of a step; this costs nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["PREVIEW_EVERY", "preview_due", "preview_rgb"]
+
+PREVIEW_EVERY = 4
+"""A preview goes with every fourth step and with the last one."""
+
+_FACTORS: dict[str, tuple[list[list[float]], list[float]]] = {
+    "sd15": (
+        [[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721], [-0.2120, -0.2616, -0.7177]],
+        [0.0, 0.0, 0.0],
+    ),
+    "sdxl": (
+        [[0.3651, 0.4232, 0.4341], [-0.2533, -0.0042, 0.1068], [0.1076, 0.1111, -0.0362], [-0.3165, -0.2492, -0.2188]],
+        [0.1084, -0.0175, -0.0011],
+    ),
+    "sd3": (
+        [
+            [-0.0922, -0.0175, 0.0749], [0.0311, 0.0633, 0.0954], [0.1994, 0.0927, 0.0458], [0.0856, 0.0339, 0.0902],
+            [0.0587, 0.0272, -0.0496], [-0.0006, 0.1104, 0.0309], [0.0978, 0.0306, 0.0427], [-0.0042, 0.1038, 0.1358],
+            [-0.0194, 0.0020, 0.0669], [-0.0488, 0.0130, -0.0268], [0.0922, 0.0988, 0.0951], [-0.0278, 0.0524, -0.0542],
+            [0.0332, 0.0456, 0.0895], [-0.0069, -0.0030, -0.0810], [-0.0596, -0.0465, -0.0293], [-0.1448, -0.1463, -0.1189],
+        ],
+        [0.2394, 0.2135, 0.1925],
+    ),
+    "flux": (
+        [
+            [-0.0346, 0.0244, 0.0681], [0.0034, 0.0210, 0.0687], [0.0275, -0.0668, -0.0433], [-0.0174, 0.0160, 0.0617],
+            [0.0859, 0.0721, 0.0329], [0.0004, 0.0383, 0.0115], [0.0405, 0.0861, 0.0915], [-0.0236, -0.0185, -0.0259],
+            [-0.0245, 0.0250, 0.1180], [0.1008, 0.0755, -0.0421], [-0.0515, 0.0201, 0.0011], [0.0428, -0.0012, -0.0036],
+            [0.0817, 0.0765, 0.0749], [-0.1264, -0.0522, -0.1103], [-0.0280, -0.0881, -0.0499], [-0.1262, -0.0982, -0.0778],
+        ],
+        [-0.0329, -0.0718, -0.0851],
+    ),
+}
+
+
+def preview_due(step: int, total: int) -> bool:
+    """Whether step ``step`` (1-based) of ``total`` carries a preview."""
+    return step == total or step % PREVIEW_EVERY == 0
+
+
+def preview_rgb(latents: np.ndarray, family: str) -> np.ndarray:
+    """Projects one latent image to a small RGB preview.
+
+    Args:
+        latents: ``(C, h, w)`` float latents in the denoiser's space (for SD, already
+            multiplied by the VAE's scaling factor).
+        family: ``"sd15"``, ``"sdxl"``, ``"sd3"`` or ``"flux"``. A family whose channel count
+            does not match ``C`` (a test model, an unusual VAE) falls back to a grey image of
+            the channel mean, stretched to its range.
+
+    Returns:
+        ``(h, w, 3)`` uint8 RGB, one pixel per latent cell (1/8 of the image side for SD).
+    """
+    latents = np.asarray(latents, dtype=np.float32)
+    channels = latents.shape[0]
+    factors = _FACTORS.get(family)
+    if factors is not None and len(factors[0]) == channels:
+        matrix = np.asarray(factors[0], dtype=np.float32)
+        bias = np.asarray(factors[1], dtype=np.float32)
+        rgb = np.einsum("chw,cr->hwr", latents, matrix) + bias
+        return np.clip(np.rint((rgb + 1.0) * 127.5), 0, 255).astype(np.uint8)
+    grey = latents.mean(axis=0)
+    low, high = float(grey.min()), float(grey.max())
+    scaled = (grey - low) / (high - low) if high > low else np.zeros_like(grey)
+    return np.repeat(np.rint(scaled * 255).astype(np.uint8)[..., None], 3, axis=2)

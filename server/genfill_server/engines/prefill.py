@@ -1,0 +1,174 @@
+"""Pre-fill of a selection before a diffusion engine encodes it, one way per mode.
+
+A diffusion model continues what it is given. Starting the selected area from something close
+to the answer matters wherever fewer than all steps run there (soft selection edges,
+``strength`` below 1, ordinary 4-channel checkpoints): krita-ai-diffusion's pre-fill by mode.
+
+- ``fill``: the surroundings pulled in and smoothed (a pull-push pyramid), so colours flow in.
+- ``expand``: edge extension, every new pixel takes the colour of the nearest known one, so
+  lines and horizons continue into the margins.
+- ``add``: neutral grey, so the new object is not biased towards what was there.
+- ``remove``: the classic engine's content-aware fill, so the object is gone before the model
+  refines the patch.
+
+All functions take and return ``(H, W, 3)`` uint8 RGB and leave pixels outside ``hole``
+bit-identical. Pure numpy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["HARD_THRESHOLD", "extend_edges", "hole_of", "prefill", "pull_push"]
+
+HARD_THRESHOLD = 128
+"""Selection values from this one up are pre-filled; below it, the original shows through
+(the soft edge is handled by differential denoising, not by the pre-fill)."""
+
+NEUTRAL_GREY = 127
+PREFILL_SEED = 0
+"""Seed of the content-aware pre-fill for ``remove``. It is fixed, not the variation's seed,
+so every variation starts from the same patch and remains reproducible by its own seed."""
+
+
+def hole_of(selection: np.ndarray) -> np.ndarray:
+    """The ``(H, W)`` bool mask a mode pre-fills: the selection at or above ``HARD_THRESHOLD``."""
+    return np.asarray(selection) >= HARD_THRESHOLD
+
+
+def prefill(image: np.ndarray, selection: np.ndarray, mode: str) -> np.ndarray:
+    """Returns ``image`` with the selection's hard part pre-filled for ``mode``.
+
+    Args:
+        image: ``(H, W, 3)`` uint8 RGB.
+        selection: ``(H, W)`` uint8, 0 keeps, 255 replaces.
+        mode: ``"fill"``, ``"expand"``, ``"add"`` or ``"remove"``.
+
+    Raises:
+        ValueError: unknown mode, or shapes that do not match.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"image must be (H, W, 3) uint8, got {image.shape} {image.dtype}")
+    if np.shape(selection) != image.shape[:2]:
+        raise ValueError(f"selection is {np.shape(selection)}, image is {image.shape[:2]}")
+    hole = hole_of(selection)
+    if not hole.any() or hole.all():
+        # Nothing known to continue from: leave the pixels as they are (grey for ``add``).
+        if mode == "add" and hole.any():
+            return np.full_like(image, NEUTRAL_GREY)
+        if mode not in ("fill", "expand", "add", "remove"):
+            raise ValueError(f"unknown mode {mode!r}")
+        return image.copy()
+    if mode == "fill":
+        return pull_push(image, hole)
+    if mode == "expand":
+        return extend_edges(image, hole)
+    if mode == "add":
+        out = image.copy()
+        out[hole] = NEUTRAL_GREY
+        return out
+    if mode == "remove":
+        from .classic import content_aware_fill  # the classic engine is heavy; import on use
+
+        return content_aware_fill(image, hole, seed=PREFILL_SEED)
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+def pull_push(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """Fills ``hole`` with a smooth interpolation of its surroundings (pull-push pyramid).
+
+    Known pixels are averaged down a pyramid until every cell knows a colour, then the coarse
+    colours are pushed back up into the hole only, so the fill is blurred surroundings.
+    """
+    values = image.astype(np.float32)
+    weights = (~hole).astype(np.float32)
+    levels = [(values * weights[..., None], weights)]
+    while min(levels[-1][1].shape) > 1 and (levels[-1][1] <= 0).any():
+        sums, counts = levels[-1]
+        levels.append((_halve_sum(sums), _halve_sum(counts)))
+    # Push: each level's unknown cells take the (upsampled) colour of the level above.
+    sums, counts = levels[-1]
+    colour = sums / np.maximum(counts, 1e-6)[..., None]
+    if (counts <= 0).any():
+        colour[counts <= 0] = colour[counts > 0].mean(axis=0) if (counts > 0).any() else NEUTRAL_GREY
+    for sums, counts in reversed(levels[:-1]):
+        coarse = _double(colour, counts.shape)
+        known = counts > 0
+        colour = np.where(known[..., None], sums / np.maximum(counts, 1e-6)[..., None], coarse)
+        # Cells only partly known near the hole edge blend towards the coarse colour, which
+        # smooths the seam without touching fully known pixels at the finest level.
+        partial = (counts > 0) & (counts < counts.max())
+        colour[partial] = 0.5 * colour[partial] + 0.5 * coarse[partial]
+    out = image.copy()
+    out[hole] = np.clip(np.rint(colour[hole]), 0, 255).astype(np.uint8)
+    return out
+
+
+def extend_edges(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
+    """Fills ``hole`` with the colour of the nearest known pixel (jump flooding), so edges and
+    gradients reaching the hole's border continue straight into it."""
+    height, width = hole.shape
+    inf = np.iinfo(np.int32).max // 4
+    nearest_y = np.where(hole, inf, np.arange(height, dtype=np.int32)[:, None]).astype(np.int32)
+    nearest_x = np.where(hole, inf, np.arange(width, dtype=np.int32)[None, :]).astype(np.int32)
+    ys = np.arange(height, dtype=np.int64)[:, None]
+    xs = np.arange(width, dtype=np.int64)[None, :]
+    step = 1 << max(0, int(np.ceil(np.log2(max(height, width)))) - 1)
+    passes = []
+    while step >= 1:
+        passes.append(step)
+        step //= 2
+    # One extra pass at step 1 fixes most of jump flooding's rare misses.
+    for step in passes + [1]:
+        best = (nearest_y - ys) ** 2 + (nearest_x - xs) ** 2
+        for dy in (-step, 0, step):
+            for dx in (-step, 0, step):
+                if dy == 0 and dx == 0:
+                    continue
+                cand_y = _shifted(nearest_y, dy, dx, inf)
+                cand_x = _shifted(nearest_x, dy, dx, inf)
+                dist = (cand_y - ys) ** 2 + (cand_x - xs) ** 2
+                better = dist < best
+                nearest_y = np.where(better, cand_y, nearest_y)
+                nearest_x = np.where(better, cand_x, nearest_x)
+                best = np.where(better, dist, best)
+    out = image.copy()
+    out[hole] = image[nearest_y[hole], nearest_x[hole]]
+    return out
+
+
+def _shifted(array: np.ndarray, dy: int, dx: int, fill_value: int) -> np.ndarray:
+    """``out[y, x] = array[y + dy, x + dx]``, ``fill_value`` where that is outside."""
+    out = np.full_like(array, fill_value)
+    height, width = array.shape
+    src_y = slice(max(dy, 0), height + min(dy, 0))
+    dst_y = slice(max(-dy, 0), height + min(-dy, 0))
+    src_x = slice(max(dx, 0), width + min(dx, 0))
+    dst_x = slice(max(-dx, 0), width + min(-dx, 0))
+    if src_y.start < src_y.stop and src_x.start < src_x.stop:
+        out[dst_y, dst_x] = array[src_y, src_x]
+    return out
+
+
+def _halve_sum(array: np.ndarray) -> np.ndarray:
+    """Sums 2x2 cells; an odd last row or column is kept as a cell of its own."""
+    height, width = array.shape[:2]
+    padded_h, padded_w = height + height % 2, width + width % 2
+    pad = [(0, padded_h - height), (0, padded_w - width)] + [(0, 0)] * (array.ndim - 2)
+    array = np.pad(array, pad)
+    return array[0::2, 0::2] + array[1::2, 0::2] + array[0::2, 1::2] + array[1::2, 1::2]
+
+
+def _double(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Upsamples by 2 and smooths with a [1, 2, 1] kernel, so pushed colours show no blocks."""
+    out = np.repeat(np.repeat(array, 2, axis=0), 2, axis=1)[: shape[0], : shape[1]]
+    for axis in (0, 1):
+        padded = np.concatenate([out.take([0], axis=axis), out, out.take([-1], axis=axis)], axis=axis)
+        length = out.shape[axis]
+        out = (
+            padded.take(range(0, length), axis=axis)
+            + 2 * padded.take(range(1, length + 1), axis=axis)
+            + padded.take(range(2, length + 2), axis=axis)
+        ) / 4
+    return out
