@@ -186,8 +186,8 @@ def test_resubmitting_a_job_id_never_starts_a_second_job(server):
 
 
 def test_queue_is_fair_between_clients(server):
-    big = brick_image(512, 512)
-    big_mask = rect_mask(512, 512, (100, 100, 300, 300))
+    big = brick_image(256, 256)
+    big_mask = rect_mask(256, 256, (60, 60, 120, 120))
     with Client(server.url, token=server.token) as greedy, Client(server.url, token=server.token) as modest:
         greedy_jobs = [greedy.submit_fill(big, big_mask, variations=1, seed=i) for i in range(5)]
         modest_job = modest.submit_fill(brick_image(32, 32), rect_mask(32, 32, (4, 4, 4, 4)), variations=1)
@@ -331,19 +331,16 @@ def test_raw_protocol_errors_have_stable_codes(server):
 def test_queue_limit_per_client():
     limits = Limits(max_queued_jobs_per_client=2)
     with BackgroundServer(ServerConfig(write_state_file=False, limits=limits)) as running:
-        canvas = brick_image(512, 512)
-        mask = rect_mask(512, 512, (50, 50, 400, 400))
         with Client(running.url, token=running.token) as client:
-            jobs = [client.submit_fill(canvas, mask, variations=4, seed=i) for i in range(4)]
-            outcomes = []
-            for job in jobs:
-                try:
-                    job.result(timeout_s=120)
-                    outcomes.append("done")
-                except LimitExceeded as exc:
-                    outcomes.append(exc.code)
-            assert "queue_full" in outcomes
-            assert outcomes[0] == "done"
+            busy = client.submit_fill(brick_image(1024, 1024), rect_mask(1024, 1024, (100, 100, 700, 700)), variations=8)
+            small = brick_image(32, 32), rect_mask(32, 32, (4, 4, 8, 8))
+            queued = [client.submit_fill(*small, variations=1, seed=i) for i in range(3)]
+            with pytest.raises(LimitExceeded) as caught:
+                queued[2].result(timeout_s=30)
+            assert caught.value.code == "queue_full"
+            busy.cancel()
+            for job in queued[:2]:
+                assert len(job.result(timeout_s=60).arrays) == 1
 
 
 def test_unreadable_upload_is_refused(server):
