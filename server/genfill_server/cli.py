@@ -6,11 +6,12 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
 
-from genfill import Client, GenfillError, __version__
+from genfill import Client, ConnectError, GenfillError, __version__
 from genfill.protocol import Limits, Mode, json_schema
 
 from .app import LOOPBACK_HOSTS, GenfillServer, ServerConfig
@@ -32,6 +33,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-origin", action="append", default=[], help="an Origin to accept (repeatable)")
     serve.add_argument("--allow-host", action="append", default=[], help="a Host header to accept, as name:port (repeatable)")
     serve.add_argument("--max-image-pixels", type=int, default=Limits().max_image_pixels)
+    serve.add_argument(
+        "--models-dir", action="append", type=Path, default=[],
+        help="a diffusers model folder, a checkpoint, or a folder of those (repeatable); the HF cache is always searched",
+    )
+    serve.add_argument("--offload", action="store_true", help="model CPU offload, for GPUs too small for a whole pipeline")
+    serve.add_argument(
+        "--default-engine", default=None,
+        help="engine for requests naming no engine or model (default: classic, which needs no weights)",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     fill = commands.add_parser("fill", help="fill the selected part of an image")
@@ -49,8 +59,17 @@ def _parser() -> argparse.ArgumentParser:
     fill.add_argument("--url", default=None)
     fill.add_argument("--token", default=None)
 
-    commands.add_parser("models", help="list engines and models of the running server")
+    models = commands.add_parser(
+        "models", help="list installed models (the running server's, else this machine's), or pull one"
+    )
+    models.add_argument("--models-dir", action="append", type=Path, default=[], help="also scan this folder (repeatable)")
+    models.add_argument("--local", action="store_true", help="scan this machine even when a server runs")
+    models_commands = models.add_subparsers(dest="models_command")
+    pull = models_commands.add_parser("pull", help="download a diffusers model from the Hugging Face Hub into its cache")
+    pull.add_argument("name", help="repo id, e.g. stable-diffusion-v1-5/stable-diffusion-inpainting")
+    pull.add_argument("--tokenizer", action="store_true", help="only the tokenizer files (for single-file checkpoints)")
     commands.add_parser("schema", help="print the protocol's JSON schema")
+    _add_plugin_parser(commands)
     return parser
 
 
@@ -61,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "fill":
         return _fill(args)
     if args.command == "models":
-        return _models()
+        if args.models_command == "pull":
+            return _pull(args)
+        return _models(args)
+    if args.command == "plugin":
+        return _plugin(args)
     if args.command == "schema":
         print(json.dumps(json_schema(), indent=2))
         return 0
@@ -76,8 +99,16 @@ def _serve(args: argparse.Namespace) -> int:
             "put a TLS reverse proxy in front of it on any network you do not trust.",
             args.host,
         )
+    # Serving never downloads: every load below is local_files_only, and this makes any
+    # library call that would still try the Hub fail at once instead.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .engines import default_engines
 
+    try:
+        engines = default_engines(args.models_dir, default_engine=args.default_engine, offload=args.offload)
+    except ValueError as exc:
+        print(f"genfill: {exc}", file=sys.stderr)
+        return 2
     config = ServerConfig(
         host=args.host,
         port=args.port,
@@ -89,7 +120,7 @@ def _serve(args: argparse.Namespace) -> int:
         devices=tuple(device.strip() for device in args.device.split(",") if device.strip()),
     )
     try:
-        asyncio.run(_serve_until_signalled(config, default_engines()))
+        asyncio.run(_serve_until_signalled(config, engines))
     except OSError as exc:
         print(f"genfill: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -161,17 +192,76 @@ def _fill(args: argparse.Namespace) -> int:
     return 0
 
 
-def _models() -> int:
+def _models(args: argparse.Namespace) -> int:
+    if not args.local and not args.models_dir:
+        try:
+            catalogue = Client().models()
+        except ConnectError:
+            catalogue = None  # no server runs: list what this machine has
+        except GenfillError as exc:
+            print(f"genfill: {exc}", file=sys.stderr)
+            return 1
+        if catalogue is not None:
+            print(f"default engine: {catalogue['default_engine']}")
+            for engine in catalogue["engines"]:
+                print(f"engine {engine['name']}: {', '.join(engine['modes'])} - {engine['description']}")
+            for model in catalogue["models"]:
+                print(f"model {model['name']} ({model['architecture']}, {model['engine']}, from {model['source']})")
+            if not catalogue["models"]:
+                print("no diffusion models installed")
+            return 0
+    from .registry import ModelRegistry, describe, hf_hub_cache
+
+    registry = ModelRegistry(model_dirs=args.models_dir)
+    lines = describe(registry)
+    searched = [str(folder) for folder in args.models_dir] + [f"{hf_hub_cache()} (Hugging Face cache)"]
+    print(f"no server running; models on this machine (searched {', '.join(searched)}):")
+    for line in lines:
+        print(f"  {line}")
+    if not lines:
+        print("  none: the classic engine still works; `genfill models pull ORG/NAME` downloads a diffusers model")
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from .registry import PullError, pull
+
     try:
-        catalogue = Client().models()
-    except GenfillError as exc:
+        path = pull(args.name, tokenizer_only=args.tokenizer)
+    except PullError as exc:
         print(f"genfill: {exc}", file=sys.stderr)
         return 1
-    print(f"default engine: {catalogue['default_engine']}")
-    for engine in catalogue["engines"]:
-        print(f"engine {engine['name']}: {', '.join(engine['modes'])} - {engine['description']}")
-    for model in catalogue["models"]:
-        print(f"model {model['name']} ({model['architecture']}, {model['engine']}, from {model['source']})")
-    if not catalogue["models"]:
-        print("no diffusion models installed")
+    print(f"{args.name} is in {path}")
+    return 0
+
+
+def _add_plugin_parser(commands) -> None:
+    plugin = commands.add_parser("plugin", help="install the Krita or GIMP 3 plug-in")
+    plugin_commands = plugin.add_subparsers(dest="plugin_command", required=True)
+    install = plugin_commands.add_parser("install", help="copy a plug-in into the editor's per-user plug-in folder")
+    install.add_argument("editor", choices=["krita", "gimp"])
+    install.add_argument("--dest", type=Path, default=None, help="install into this folder instead (tests, packaging)")
+    install.add_argument("--no-enable", action="store_true", help="Krita: do not switch the plug-in on in kritarc")
+    zip_command = plugin_commands.add_parser("zip", help="build the Krita plug-in zip for Krita's 'Import Python Plugin from File'")
+    zip_command.add_argument("-o", "--output", type=Path, default=Path("genfill_krita.zip"))
+
+
+def _plugin(args: argparse.Namespace) -> int:
+    from genfill_bridge import install
+
+    try:
+        if args.plugin_command == "zip":
+            print(f"wrote {install.build_krita_zip(args.output)}")
+            return 0
+        installed = install.install(args.editor, args.dest, enable=not args.no_enable)
+    except (OSError, ValueError) as exc:
+        print(f"genfill: {exc}", file=sys.stderr)
+        return 1
+    print(f"installed the {args.editor} plug-in in {installed.folder}")
+    if installed.enabled_in is not None:
+        print(f"switched it on in {installed.enabled_in}; restart Krita, then Settings > Dockers > Generative Fill")
+    elif args.editor == "krita":
+        print("switch it on in Krita: Settings > Configure Krita > Python Plugin Manager, then restart Krita")
+    else:
+        print("restart GIMP, then Filters > Generative > Fill")
     return 0

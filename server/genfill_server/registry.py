@@ -36,13 +36,11 @@ file cannot provide:
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import os
 import re
 import struct
-import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -622,17 +620,19 @@ class ModelRegistry:
     def load(
         self,
         model: LocalModel | str,
-        pipeline_class: type | str,
+        pipeline_class: type | str | None = None,
         *,
-        torch_dtype=None,
+        dtype=None,
         controlnet=None,
     ):
         """Builds ``pipeline_class`` from a model on disk, on the CPU, without any network.
 
         Args:
             model: the model or its name.
-            pipeline_class: a diffusers pipeline class, or its name in ``diffusers``.
-            torch_dtype: the weights' dtype; ``None`` keeps float32.
+            pipeline_class: a diffusers pipeline class, or its name in ``diffusers``; ``None``
+                takes the class the model's ``model_index.json`` names (for single files, the
+                shipped config's).
+            dtype: the weights' dtype; ``None`` keeps float32.
             controlnet: a loaded ``ControlNetModel`` (or ``MultiControlNetModel``) for
                 ControlNet pipelines.
 
@@ -643,6 +643,11 @@ class ModelRegistry:
         import diffusers
 
         model = self.get(model) if isinstance(model, str) else model
+        if pipeline_class is None:
+            index_dir = model.path if model.path.is_dir() else self.configs_dir / model.config_name
+            if model.architecture in (Architecture.SD3, Architecture.FLUX) and not model.path.is_dir():
+                index_dir = self._base_for(model).path
+            pipeline_class = (_read_json(index_dir / "model_index.json") or {}).get("_class_name", "DiffusionPipeline")
         if isinstance(pipeline_class, str):
             pipeline_class = getattr(diffusers, pipeline_class)
         extra: dict[str, Any] = {}
@@ -654,10 +659,10 @@ class ModelRegistry:
             extra.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
         try:
             if model.source is not Source.SINGLE_FILE and model.path.is_dir():
-                return self._load_folder(model, pipeline_class, torch_dtype, extra)
+                return self._load_folder(model, pipeline_class, dtype, extra)
             if model.architecture in (Architecture.SD3, Architecture.FLUX):
-                return self._load_transformer_file(model, pipeline_class, torch_dtype, extra)
-            return self._load_single_file(model, pipeline_class, torch_dtype, extra)
+                return self._load_transformer_file(model, pipeline_class, dtype, extra)
+            return self._load_single_file(model, pipeline_class, dtype, extra)
         except ModelError:
             raise
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
@@ -666,16 +671,16 @@ class ModelRegistry:
                 ErrorCode.ENGINE_FAILED, f"model {model.name!r} could not be loaded; the server log says why"
             ) from exc
 
-    def load_controlnet(self, controlnet: LocalModel, *, torch_dtype=None):
+    def load_controlnet(self, controlnet: LocalModel, *, dtype=None):
         """A ``ControlNetModel`` from a folder or a single file (with the shipped config)."""
         from diffusers import ControlNetModel
 
         try:
             if controlnet.path.is_dir():
-                return ControlNetModel.from_pretrained(controlnet.path, torch_dtype=torch_dtype, local_files_only=True)
+                return ControlNetModel.from_pretrained(controlnet.path, dtype=dtype, local_files_only=True)
             config_dir = self.configs_dir / controlnet.config_name
             return ControlNetModel.from_single_file(
-                str(controlnet.path), config=str(config_dir), local_files_only=True, torch_dtype=torch_dtype
+                str(controlnet.path), config=str(config_dir), local_files_only=True, dtype=dtype
             )
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             logger.exception("loading ControlNet %s failed", controlnet.name)
@@ -683,36 +688,36 @@ class ModelRegistry:
                 ErrorCode.ENGINE_FAILED, f"ControlNet {controlnet.name!r} could not be loaded; the server log says why"
             ) from exc
 
-    def _load_folder(self, model: LocalModel, pipeline_class, torch_dtype, extra):
+    def _load_folder(self, model: LocalModel, pipeline_class, dtype, extra):
         kwargs = dict(extra)
         for name in ("safety_checker", "feature_extractor", "requires_safety_checker"):
             if name in kwargs and name not in model.components and name != "requires_safety_checker":
                 kwargs.pop(name)
         variant = _variant(model.path)
         return pipeline_class.from_pretrained(
-            model.path, torch_dtype=torch_dtype, local_files_only=True, variant=variant, **kwargs
+            model.path, dtype=dtype, local_files_only=True, variant=variant, **kwargs
         )
 
-    def _load_single_file(self, model: LocalModel, pipeline_class, torch_dtype, extra):
+    def _load_single_file(self, model: LocalModel, pipeline_class, dtype, extra):
         config_dir = self.configs_dir / model.config_name
         kwargs = dict(extra)
         kwargs.update(self.tokenizers_for(model, config_dir))
         kwargs["scheduler"] = self._scheduler(config_dir, model.prediction_type)
         return pipeline_class.from_single_file(
-            str(model.path), config=str(config_dir), local_files_only=True, torch_dtype=torch_dtype, **kwargs
+            str(model.path), config=str(config_dir), local_files_only=True, dtype=dtype, **kwargs
         )
 
-    def _load_transformer_file(self, model: LocalModel, pipeline_class, torch_dtype, extra):
+    def _load_transformer_file(self, model: LocalModel, pipeline_class, dtype, extra):
         import diffusers
 
         base = self._base_for(model)
         transformer_class = diffusers.SD3Transformer2DModel if model.architecture is Architecture.SD3 else diffusers.FluxTransformer2DModel
         transformer = transformer_class.from_single_file(
-            str(model.path), config=str(base.path), subfolder="transformer", local_files_only=True, torch_dtype=torch_dtype
+            str(model.path), config=str(base.path), subfolder="transformer", local_files_only=True, dtype=dtype
         )
         kwargs = {k: v for k, v in extra.items() if k in _init_parameters(pipeline_class)}
         return pipeline_class.from_pretrained(
-            base.path, transformer=transformer, torch_dtype=torch_dtype, local_files_only=True, variant=_variant(base.path), **kwargs
+            base.path, transformer=transformer, dtype=dtype, local_files_only=True, variant=_variant(base.path), **kwargs
         )
 
     def _base_for(self, model: LocalModel) -> LocalModel:
@@ -788,12 +793,26 @@ class ModelRegistry:
             if snapshot is not None:
                 candidates.append(snapshot)
         for candidate in candidates:
-            vocab = candidate / "vocab.json"
-            if vocab.is_file() and (candidate / "merges.txt").is_file():
-                entries = _read_json(vocab)
-                if entries and len(entries) <= vocab_size:
-                    return candidate
+            size = _clip_vocabulary_size(candidate)
+            if size is not None and size <= vocab_size:
+                return candidate
         return None
+
+
+def _clip_vocabulary_size(folder: Path) -> int | None:
+    """The vocabulary size of a CLIP tokenizer folder: ``vocab.json`` + ``merges.txt`` (as
+    released) or a byte-level BPE ``tokenizer.json`` (as transformers 5 saves one); ``None``
+    when the folder holds no CLIP tokenizer."""
+    config = _read_json(folder / "tokenizer_config.json") or {}
+    if "CLIP" not in str(config.get("tokenizer_class", "CLIPTokenizer")):
+        return None
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        vocab = _read_json(folder / "vocab.json")
+        return len(vocab) if vocab else None
+    model = (_read_json(folder / "tokenizer.json") or {}).get("model") or {}
+    if model.get("type") == "BPE" and isinstance(model.get("vocab"), dict):
+        return len(model["vocab"])
+    return None
 
 
 _PAD_TOKENS = {
@@ -823,7 +842,7 @@ def _variant(folder: Path) -> str | None:
     return None
 
 
-# Device placement and the cache of loaded pipelines
+# Device placement
 
 
 def dtype_for(architecture: Architecture | str, device: str):
@@ -834,78 +853,6 @@ def dtype_for(architecture: Architecture | str, device: str):
     if not device.startswith(("cuda", "xpu", "mps")):
         return torch.float32
     return torch.bfloat16 if Architecture(architecture) is Architecture.FLUX else torch.float16
-
-
-class PipelineCache:
-    """Loaded pipelines, at most one per device: asking for another model on a device frees the
-    one it holds first, so switching models never needs room for two.
-
-    Args:
-        registry: where models come from.
-        offload: ``enable_model_cpu_offload`` on GPUs: components move to the GPU only while
-            they run, for cards too small to hold a whole pipeline.
-    """
-
-    def __init__(self, registry: ModelRegistry, *, offload: bool = False) -> None:
-        self.registry = registry
-        self.offload = offload
-        self._held: dict[str, tuple[tuple, Any]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, model_name: str, device: str, pipeline_class: type | str, *, control: Sequence[ControlType] = ()):
-        """The pipeline for a model (and ControlNets for ``control``, in order) on a device,
-        loading it on first use."""
-        pipeline_name = pipeline_class if isinstance(pipeline_class, str) else pipeline_class.__name__
-        key = (model_name, pipeline_name, tuple(control))
-        with self._lock:
-            held = self._held.get(device)
-            if held is not None and held[0] == key:
-                return held[1]
-            self.release(device, locked=True)
-            pipeline = self._load(model_name, device, pipeline_class, control)
-            self._held[device] = (key, pipeline)
-            return pipeline
-
-    def _load(self, model_name: str, device: str, pipeline_class, control: Sequence[ControlType]):
-        model = self.registry.get(model_name)
-        dtype = dtype_for(model.architecture, device)
-        controlnet = None
-        if control:
-            from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
-
-            nets = [
-                self.registry.load_controlnet(self.registry.controlnet_for(model.architecture, t), torch_dtype=dtype)
-                for t in control
-            ]
-            controlnet = nets[0] if len(nets) == 1 else MultiControlNetModel(nets)
-        logger.info("loading %s (%s, %s) on %s", model.name, model.architecture, dtype, device)
-        pipeline = self.registry.load(model, pipeline_class, torch_dtype=dtype, controlnet=controlnet)
-        if self.offload and device.startswith("cuda"):
-            pipeline.enable_model_cpu_offload(device=device)
-        else:
-            pipeline.to(device)
-        pipeline.set_progress_bar_config(disable=True)
-        return pipeline
-
-    def release(self, device: str | None = None, *, locked: bool = False) -> None:
-        """Drops the pipeline held for ``device`` (every device when ``None``) and returns its
-        memory to the allocator."""
-        if not locked:
-            with self._lock:
-                return self.release(device, locked=True)
-        devices = list(self._held) if device is None else [device]
-        dropped = [self._held.pop(d, None) for d in devices]
-        if not any(dropped):
-            return
-        del dropped
-        gc.collect()
-        try:
-            import torch
-
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:  # pragma: no cover - diffusion extra not installed
-            pass
 
 
 # Explicit downloads
@@ -924,7 +871,7 @@ def pull(repo_id: str, *, tokenizer_only: bool = False, cache_dir: Path | None =
     Raises:
         PullError: offline, unknown repo, gated repo, or any transfer failure.
     """
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*", repo_id) or ".." in repo_id:
         raise PullError(f"{repo_id!r} is not a Hugging Face repo id (ORG/NAME)")
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         raise PullError(f"cannot download {repo_id}: HF_HUB_OFFLINE is set; unset it on a machine with internet access")
@@ -968,7 +915,6 @@ __all__ = [
     "LocalModel",
     "ModelError",
     "ModelRegistry",
-    "PipelineCache",
     "PullError",
     "Source",
     "control_types_from_name",

@@ -7,14 +7,19 @@ engine module itself.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import inspect
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from genfill.protocol import ErrorCode, FillRequest, Mode, ModelInfo
 
 from ..errors import RequestError
+from ..registry import Architecture, ModelRegistry, dtype_for
 from .base import Engine
 
 logger = logging.getLogger("genfill.engines")
@@ -76,10 +81,23 @@ class EngineSet:
         with self._lock:
             engine = self._instances.get(key)
             if engine is None:
-                engine = self.specs[name].factory(device, model)
+                spec = self.specs[name]
+                if spec.needs_model:
+                    # One diffusion model per device: switching frees the previous one first,
+                    # so a GPU never needs room for two.
+                    self._close_instances(lambda other: other[1] == device and self.specs[other[0]].needs_model)
+                engine = spec.factory(device, model)
                 engine.load()
                 self._instances[key] = engine
             return engine
+
+    def _close_instances(self, which: Callable[[tuple[str, str, str | None]], bool]) -> None:
+        for key in [key for key in self._instances if which(key)]:
+            engine = self._instances.pop(key)
+            try:
+                engine.close()
+            except Exception:  # noqa: BLE001 - a broken engine may fail to close, too
+                logger.exception("closing engine %s failed", key[0])
 
     def load_default(self) -> None:
         """Loads what is cheap to load at start; heavy engines load on their first job."""
@@ -102,14 +120,126 @@ class EngineSet:
             self.recover(name)
 
 
-def default_engines() -> EngineSet:
-    """The engines this installation can run: the classic engine always."""
+def default_engines(
+    model_dirs: Sequence[str | Path] = (),
+    *,
+    hf_cache: bool | Path = True,
+    default_engine: str | None = None,
+    offload: bool = False,
+    registry: ModelRegistry | None = None,
+) -> EngineSet:
+    """The engines this installation can run: classic always, and one diffusion engine per
+    family that has an installed model (see ``genfill_server.registry``).
+
+    Args:
+        model_dirs: folders of diffusers models or single-file checkpoints (``--models-dir``).
+        hf_cache: search the Hugging Face cache (``True``: where the environment says;
+            a path: that folder; ``False``: not at all).
+        default_engine: the engine for requests naming neither engine nor model; ``None``
+            keeps ``classic``, which needs no weights.
+        offload: model CPU offload for GPUs too small to hold a whole pipeline.
+        registry: an already scanned registry; overrides ``model_dirs`` and ``hf_cache``.
+
+    Raises:
+        ValueError: ``default_engine`` names an engine this installation does not have.
+    """
     from .classic import ClassicEngine
 
-    classic = EngineSpec(
-        name="classic",
-        factory=lambda device, model: ClassicEngine(),
-        modes=(Mode.FILL, Mode.REMOVE, Mode.EXPAND, Mode.ADD),
-        description="content-aware fill from the image itself; needs no model weights",
+    specs = {
+        "classic": EngineSpec(
+            name="classic",
+            factory=lambda device, model: ClassicEngine(),
+            modes=_ALL_MODES,
+            description="content-aware fill from the image itself; needs no model weights",
+        )
+    }
+    if registry is None:
+        cache: Path | None | bool = None if hf_cache is True else hf_cache
+        registry = ModelRegistry(model_dirs=[Path(d) for d in model_dirs], hf_cache=cache)
+    for family in _FAMILIES:
+        spec = _diffusion_spec(family, registry, offload)
+        if spec is not None:
+            specs[spec.name] = spec
+    name = default_engine or "classic"
+    if name not in specs:
+        raise ValueError(f"default engine {name!r} is not available; this installation has: {', '.join(specs)}")
+    return EngineSet(specs=specs, default_name=name)
+
+
+_ALL_MODES = (Mode.FILL, Mode.REMOVE, Mode.EXPAND, Mode.ADD)
+
+
+@dataclass(frozen=True)
+class _Family:
+    """A diffusion engine and the architectures it runs; its module is imported only when an
+    engine is built, so a server without the diffusion extra still starts."""
+
+    name: str
+    architectures: tuple[Architecture, ...]
+    module: str
+    class_name: str
+    description: str
+
+
+_FAMILIES = (
+    _Family(
+        "sd_inpaint",
+        (Architecture.SD15, Architecture.SD2, Architecture.SDXL),
+        "sd_inpaint",
+        "SDInpaintEngine",
+        "Stable Diffusion 1.5, 2 and SDXL inpainting (inpaint and ordinary checkpoints)",
+    ),
+    _Family("sd3_inpaint", (Architecture.SD3,), "sd3_inpaint", "SD3InpaintEngine", "Stable Diffusion 3 / 3.5 inpainting"),
+    _Family("flux_fill", (Architecture.FLUX,), "flux_fill", "FluxFillEngine", "Flux.1 Fill"),
+)
+
+
+def _diffusion_spec(family: _Family, registry: ModelRegistry, offload: bool) -> EngineSpec | None:
+    models = sorted(
+        (m for m in registry.models.values() if m.architecture in family.architectures),
+        # Dedicated inpainting weights first: they are what a request naming no model gets.
+        key=lambda m: (not m.inpaint, m.name),
     )
-    return EngineSet(specs={"classic": classic}, default_name="classic")
+    if not models or importlib.util.find_spec(f"{__name__}.{family.module}") is None:
+        return None
+    by_name = {m.name: m for m in models}
+
+    def factory(device: str, model_name: str | None) -> Engine:
+        model = by_name[model_name] if model_name is not None else models[0]
+        module = importlib.import_module(f"{__name__}.{family.module}")
+        engine_class = getattr(module, family.class_name)
+        dtype = dtype_for(model.architecture, device)
+        return _construct(
+            engine_class,
+            lambda: registry.load(model, dtype=dtype),
+            device=device,
+            dtype=dtype,
+            offload=offload and device.startswith("cuda"),
+            name=family.name,
+        )
+
+    infos = tuple(
+        ModelInfo(
+            name=m.name,
+            engine=family.name,
+            architecture=str(m.architecture),
+            inpaint=m.inpaint,
+            native_size=m.native_size,
+            source=str(m.source),
+            modes=list(_ALL_MODES),
+        )
+        for m in models
+    )
+    return EngineSpec(
+        name=family.name,
+        factory=factory,
+        modes=_ALL_MODES,
+        description=family.description,
+        models=infos,
+        needs_model=True,
+    )
+
+
+def _construct(engine_class, pipeline_factory, **options) -> Engine:
+    accepted = inspect.signature(engine_class).parameters
+    return engine_class(pipeline_factory, **{k: v for k, v in options.items() if k in accepted})
