@@ -182,6 +182,19 @@ def _sd15_unet(seed: int, in_channels: int) -> UNet2DConditionModel:
     )
 
 
+def _init_zero_convs(controlnet: ControlNetModel) -> None:
+    """ControlNet's output convolutions start at zero, which would make a random ControlNet
+    a no-op; give them weights so tests can see control change the result."""
+
+    def init(module: torch.nn.Module) -> None:
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.normal_(module.weight, std=0.1)
+            module.bias.data.fill_(0.1)
+
+    controlnet.controlnet_down_blocks.apply(init)
+    controlnet.controlnet_mid_block.apply(init)
+
+
 def _ready(module):
     module.to(device="cpu", dtype=torch.float32)
     if hasattr(module, "set_progress_bar_config"):
@@ -235,6 +248,7 @@ def tiny_sd15_controlnet(seed: int = 0) -> ControlNetModel:
         # One stride-2 step: the conditioning image is downsampled by the VAE's factor of 2.
         conditioning_embedding_out_channels=(16, 32),
     )
+    _init_zero_convs(controlnet)
     return _ready(controlnet)
 
 
@@ -306,6 +320,7 @@ def tiny_sdxl_controlnet(seed: int = 0) -> ControlNetModel:
         conditioning_embedding_out_channels=(16, 32),
         **_sdxl_unet_kwargs(),
     )
+    _init_zero_convs(controlnet)
     return _ready(controlnet)
 
 
