@@ -347,6 +347,8 @@ class GenfillServer:
         client_id = client.handle.client_id
         image = self.images.get(request.image, client_id).array
         mask = self.images.get(request.mask, client_id).array if request.mask else None
+        if request.mode is Mode.EXPAND and request.expand is not None:
+            self._check_expanded_size(image, request.expand)
         canvas, selection = prepare_canvas(request, image, mask)
         if request.mode is not Mode.EXPAND and not selection.any():
             raise RequestError(ErrorCode.EMPTY_SELECTION, "the selection is empty: nothing to fill")
@@ -365,6 +367,20 @@ class GenfillServer:
             raise RequestError(ErrorCode.LIMIT_EXCEEDED, f"steps={request.steps} is over the limit of {limits.max_steps}")
         if len(request.prompt) > limits.max_prompt_chars or len(request.negative_prompt) > limits.max_prompt_chars:
             raise RequestError(ErrorCode.LIMIT_EXCEEDED, f"prompt is over the limit of {limits.max_prompt_chars} characters")
+
+    def _check_expanded_size(self, image: np.ndarray, margins) -> None:
+        # The grown canvas is allocated before any engine runs: a 1x1 image with 16k margins
+        # would be a 4 GiB array.
+        height, width = image.shape[:2]
+        width += margins.left + margins.right
+        height += margins.top + margins.bottom
+        limits = self.limits
+        if width > limits.max_image_side or height > limits.max_image_side or width * height > limits.max_image_pixels:
+            raise RequestError(
+                ErrorCode.IMAGE_TOO_LARGE,
+                f"the expanded canvas of {width}x{height} pixels is over the limit of {limits.max_image_pixels} "
+                f"pixels ({limits.max_image_side} a side)",
+            )
 
     def _cancel(self, client: _ClientState, job: Job, *, notify: bool) -> None:
         if job.state == "queued" and self.queue.remove(job):
@@ -478,7 +494,7 @@ def _job_id_of(data: str | bytes) -> str | None:
         return None
     try:
         parsed = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):  # deeply nested arrays exhaust the parser's stack
         return None
     job_id = parsed.get("job_id") if isinstance(parsed, dict) else None
     return job_id if is_valid_job_id(job_id) else None

@@ -77,8 +77,11 @@ def _decode_png(header: FrameHeader, payload: bytes, limits: Limits) -> np.ndarr
             image.load()
     except RequestError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow refuses a PNG whose own header claims a bomb while opening it, before our size
+        # check sees it: the answer is the same as for any image over the limits.
+        raise RequestError(ErrorCode.IMAGE_TOO_LARGE, "the PNG's header claims more pixels than the server allows") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise RequestError(ErrorCode.IMAGE_INVALID, "payload is not a readable PNG image") from exc
     if image.mode in ("L", "LA", "1", "I", "I;16", "I;16B", "F") and image.mode != "LA":
         if image.mode in ("I", "I;16", "I;16B"):
