@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from genfill import Client
-from genfill.protocol import ControlType, ErrorCode
+from genfill.protocol import ControlType, ErrorCode, FillRequest
 from genfill_server.app import ServerConfig
 from genfill_server.background import BackgroundServer
 from genfill_server.cli import main as cli_main
@@ -336,6 +336,31 @@ def test_controlnets_are_control_providers_for_their_architecture(tmp_path):
     assert caught.value.code is ErrorCode.WEIGHTS_NOT_INSTALLED
     loaded = registry.load_controlnet(canny)
     assert_same_weights(loaded, tiny_models.tiny_sd15_controlnet())
+
+
+def test_controlnet_engine_serves_base_models_with_installed_controls(tmp_path):
+    models = tmp_path / "models"
+    original = tiny_models.tiny_sd15_inpaint()
+    original.save_pretrained(models / "tiny-inpaint")
+    tiny_models.tiny_sd15_controlnet().save_pretrained(models / "control_v11p_sd15_canny")
+    engines = default_engines(model_dirs=[models], hf_cache=False)
+    assert set(engines.specs) == {"classic", "sd_inpaint", "controlnet"}
+    (info,) = engines.specs["controlnet"].models
+    assert (info.name, info.control) == ("tiny-inpaint", [ControlType.CANNY])
+
+    image_id = "0" * 64
+    plain = FillRequest(image=image_id, model="tiny-inpaint")
+    guided = FillRequest(image=image_id, model="tiny-inpaint", control=[{"type": "canny"}])
+    assert engines.resolve(plain) == "sd_inpaint"
+    assert engines.resolve(guided) == "controlnet"
+
+    engine = engines.get("controlnet", "cpu", "tiny-inpaint")
+    job = tiny_job()
+    job = EngineJob(job.image, job.selection, job.denoise_mask, job.seeds,
+                    {**job.options, "control": [{"type": "canny", "strength": 1.0, "start": 0.0, "end": 1.0}]})
+    (image,) = engine.run(job, lambda *_: None)
+    assert image.shape == (64, 64, 3)
+    engines.close()
 
 
 # Single files

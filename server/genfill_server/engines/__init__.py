@@ -16,10 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from genfill.protocol import ErrorCode, FillRequest, Mode, ModelInfo
+from genfill.protocol import ControlType, ErrorCode, FillRequest, Mode, ModelInfo
 
 from ..errors import RequestError
-from ..registry import Architecture, ModelRegistry, dtype_for
+from ..registry import Architecture, LocalModel, ModelRegistry, dtype_for
 from .base import Engine
 
 logger = logging.getLogger("genfill.engines")
@@ -59,7 +59,15 @@ class EngineSet:
         """The engine name a request runs on. Raises ``RequestError`` if it cannot run."""
         name = request.engine
         if name is None and request.model is not None:
-            name = next((spec.name for spec in self.specs.values() if any(m.name == request.model for m in spec.models)), None)
+            wanted = {control.type for control in request.control}
+            serving = [spec for spec in self.specs.values() if any(m.name == request.model for m in spec.models)]
+            # A model may be listed by several engines (plain and ControlNet); a request with
+            # controls goes to one whose listing offers those control types.
+            fitting = [
+                spec for spec in serving
+                if wanted <= {c for m in spec.models if m.name == request.model for c in m.control}
+            ]
+            name = next((spec.name for spec in fitting or serving), None)
             if name is None:
                 raise RequestError(ErrorCode.MODEL_NOT_FOUND, f"no installed model is named {request.model!r}")
         name = name or self.default_name
@@ -160,6 +168,9 @@ def default_engines(
         spec = _diffusion_spec(family, registry, offload)
         if spec is not None:
             specs[spec.name] = spec
+    spec = _controlnet_spec(registry, offload)
+    if spec is not None:
+        specs[spec.name] = spec
     name = default_engine or "classic"
     if name not in specs:
         raise ValueError(f"default engine {name!r} is not available; this installation has: {', '.join(specs)}")
@@ -235,6 +246,67 @@ def _diffusion_spec(family: _Family, registry: ModelRegistry, offload: bool) -> 
         factory=factory,
         modes=_ALL_MODES,
         description=family.description,
+        models=infos,
+        needs_model=True,
+    )
+
+
+_CONTROLNET_ARCHITECTURES = (Architecture.SD15, Architecture.SD2, Architecture.SDXL)
+
+
+def _controlnet_spec(registry: ModelRegistry, offload: bool) -> EngineSpec | None:
+    """The ``controlnet`` engine: every SD1.5/SD2/SDXL base model for which a ControlNet of its
+    architecture is installed, listing the control types it can take."""
+    if importlib.util.find_spec(f"{__name__}.controlnet") is None:
+        return None
+    models = sorted(
+        (m for m in registry.models.values() if m.architecture in _CONTROLNET_ARCHITECTURES and registry.controlnets_for(m.architecture)),
+        key=lambda m: (not m.inpaint, m.name),
+    )
+    if not models:
+        return None
+    by_name = {m.name: m for m in models}
+
+    def control_types(model: LocalModel) -> list[ControlType]:
+        found = {t for c in registry.controlnets_for(model.architecture) for t in c.control}
+        return [t for t in ControlType if t in found]
+
+    def factory(device: str, model_name: str | None) -> Engine:
+        from .controlnet import ControlNetEngine
+
+        model = by_name[model_name] if model_name is not None else models[0]
+        dtype = dtype_for(model.architecture, device)
+        controlnets = {
+            str(kind): (lambda c=registry.controlnet_for(model.architecture, kind): registry.load_controlnet(c, dtype=dtype))
+            for kind in control_types(model)
+        }
+        return ControlNetEngine(
+            lambda: registry.load(model, dtype=dtype),
+            controlnets,
+            device=device,
+            dtype=dtype,
+            offload=offload and device.startswith("cuda"),
+            name="controlnet",
+        )
+
+    infos = tuple(
+        ModelInfo(
+            name=m.name,
+            engine="controlnet",
+            architecture=str(m.architecture),
+            inpaint=m.inpaint,
+            native_size=m.native_size,
+            source=str(m.source),
+            modes=list(_ALL_MODES),
+            control=control_types(m),
+        )
+        for m in models
+    )
+    return EngineSpec(
+        name="controlnet",
+        factory=factory,
+        modes=_ALL_MODES,
+        description="SD 1.5, 2 and SDXL inpainting guided by ControlNets (canny, depth, pose, lineart...)",
         models=infos,
         needs_model=True,
     )
