@@ -183,8 +183,9 @@ def _sd15_unet(seed: int, in_channels: int) -> UNet2DConditionModel:
 
 
 def _init_zero_convs(controlnet: ControlNetModel) -> None:
-    """ControlNet's output convolutions start at zero, which would make a random ControlNet
-    a no-op; give them weights so tests can see control change the result."""
+    """ControlNet's output convolutions (and its conditioning embedding's last one) start at
+    zero, which would make a random ControlNet ignore its control image; give them weights so
+    tests can see the control image change the result."""
 
     def init(module: torch.nn.Module) -> None:
         if isinstance(module, torch.nn.Conv2d):
@@ -193,6 +194,7 @@ def _init_zero_convs(controlnet: ControlNetModel) -> None:
 
     controlnet.controlnet_down_blocks.apply(init)
     controlnet.controlnet_mid_block.apply(init)
+    controlnet.controlnet_cond_embedding.conv_out.apply(init)
 
 
 def _ready(module):
