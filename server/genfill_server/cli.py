@@ -215,7 +215,8 @@ def _models(args: argparse.Namespace) -> int:
     registry = ModelRegistry(model_dirs=args.models_dir)
     lines = describe(registry)
     searched = [str(folder) for folder in args.models_dir] + [f"{hf_hub_cache()} (Hugging Face cache)"]
-    print(f"no server running; models on this machine (searched {', '.join(searched)}):")
+    lead = "models on this machine" if args.local or args.models_dir else "no server running; models on this machine"
+    print(f"{lead} (searched {', '.join(searched)}):")
     for line in lines:
         print(f"  {line}")
     if not lines:

@@ -218,7 +218,9 @@ def _diffusion_spec(family: _Family, registry: ModelRegistry, offload: bool) -> 
     def factory(device: str, model_name: str | None) -> Engine:
         model = by_name[model_name] if model_name is not None else models[0]
         module = importlib.import_module(f"{__name__}.{family.module}")
-        engine_class = getattr(module, family.class_name)
+        engine_class = getattr(module, family.class_name, None) or next(
+            getattr(module, n) for n in getattr(module, "__all__", ()) if n.endswith("Engine")
+        )
         dtype = dtype_for(model.architecture, device)
         return _construct(
             engine_class,
