@@ -83,6 +83,9 @@ class ServerConfig:
     allowed_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
     devices: tuple[str, ...] = ("cpu",)
+    max_outbox_bytes: int | None = 128 * 2**20
+    """Bytes of answers that may wait for one client before it is cut off (see
+    ``ClientHandle``); one result is always delivered whole. ``None`` disables the limit."""
 
 
 class _RateLimiter:
@@ -131,6 +134,7 @@ class GenfillServer:
         self._next_client_id = 0
         self._server: Server | None = None
         self._workers: list[asyncio.Task] = []
+        self._closing: set[asyncio.Task] = set()
         self._allowed_hosts: set[str] = set()
         self._state_path: Path | None = None
         self.port: int | None = None
@@ -256,13 +260,19 @@ class GenfillServer:
 
     async def _handle_connection(self, websocket: ServerConnection) -> None:
         self._next_client_id += 1
-        handle = ClientHandle(self._next_client_id, asyncio.Queue())
+        handle = ClientHandle(
+            self._next_client_id,
+            self.config.max_outbox_bytes,
+            on_overflow=lambda: self._cut_off(websocket, handle),
+        )
         client = _ClientState(handle, _RateLimiter(self.limits.max_messages_per_second))
         self._clients[handle.client_id] = client
         writer = asyncio.create_task(self._write_loop(websocket, handle))
         try:
             handle.send(self._hello().model_dump_json())
             async for data in websocket:
+                if not handle.connected:
+                    break
                 try:
                     if not client.rate.allow():
                         raise RequestError(ErrorCode.RATE_LIMITED, "too many messages: slow down")
@@ -285,10 +295,21 @@ class GenfillServer:
     async def _write_loop(self, websocket: ServerConnection, handle: ClientHandle) -> None:
         try:
             while True:
-                item = await handle.outbox.get()
+                item = await handle.next_frame()
                 await websocket.send(item)
         except ConnectionClosed:
             handle.connected = False
+
+    def _cut_off(self, websocket: ServerConnection, handle: ClientHandle) -> None:
+        """Closes the connection of a client whose outbox overflowed: it stopped reading."""
+        logger.warning("client %d is not reading its messages: closing its connection", handle.client_id)
+        # The close frame waits behind the unread data; websockets aborts the TCP connection
+        # after its close timeout, which ends the handler and cancels the client's jobs.
+        task = asyncio.get_running_loop().create_task(
+            websocket.close(code=1008, reason="client is not reading its messages")
+        )
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def _on_upload(self, client: _ClientState, frame: bytes) -> None:
         # Decoding a large PNG takes long enough to stall every other client.
@@ -334,8 +355,7 @@ class GenfillServer:
             kept_fingerprint, frames = client.finished[submit.job_id]
             if kept_fingerprint != fingerprint:
                 raise RequestError(ErrorCode.JOB_ID_IN_USE, f"job id {submit.job_id!r} was used by another request")
-            for frame in frames:
-                client.handle.send(frame)
+            client.handle.send_all(frames)
             return
         self._check_limits(request)
         if self.queue.count(client.handle.client_id) >= self.limits.max_queued_jobs_per_client:
@@ -406,8 +426,7 @@ class GenfillServer:
 
     def _finish(self, job: Job, frames: list[str | bytes]) -> None:
         job.state = "finished"
-        for frame in frames:
-            job.client.send(frame)
+        job.client.send_all(frames)
         client = self._clients.get(job.client.client_id)
         if client is None:
             return
@@ -435,8 +454,7 @@ class GenfillServer:
                 preview_id = frame_image_id(frame)
                 frames.append(frame)
             frames.append(Progress(job_id=job.job_id, step=step, total=max(total, 1), preview=preview_id).model_dump_json())
-            for frame in frames:
-                loop.call_soon_threadsafe(job.client.send, frame)
+            loop.call_soon_threadsafe(job.client.send_progress, frames)
 
         try:
             engine = self.engines.get(job.engine_name, device)

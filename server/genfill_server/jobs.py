@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,17 +19,90 @@ from genfill.protocol import FillRequest, Submit
 
 
 class ClientHandle:
-    """The server's side of one connection, as jobs see it: an id and an outbox."""
+    """The server's side of one connection, as jobs see it: an id and a bounded outbox.
 
-    def __init__(self, client_id: int, outbox: asyncio.Queue) -> None:
+    websockets' ``write_limit`` bounds only the transport's buffer; the outbox in front of it
+    is bounded here, so a client that stops reading cannot make the server hold its answers
+    without end. Progress messages are dropped first, once ``progress_backlog_bytes`` are
+    waiting. An answer that must arrive (a result, an error, a reply) that would take the
+    outbox past ``max_pending_bytes`` cuts the client off instead: the outbox is emptied and
+    ``on_overflow`` is called once, to close the connection. A group of frames sent together
+    (a result's images and its message) is always taken whole when nothing else is waiting,
+    however large it is, so one big result never counts as overflow.
+
+    Args:
+        client_id: the connection's id on this server.
+        max_pending_bytes: bytes that may wait for the client; ``None`` disables the limit.
+        on_overflow: ``None`` or a callable run (on the event loop) when the client is cut off.
+    """
+
+    # Per-frame bookkeeping, so a flood of tiny messages is counted too.
+    FRAME_OVERHEAD_BYTES = 64
+
+    def __init__(
+        self,
+        client_id: int,
+        max_pending_bytes: int | None = 128 * 2**20,
+        on_overflow: Callable[[], None] | None = None,
+        progress_backlog_bytes: int = 2**20,
+    ) -> None:
         self.client_id = client_id
-        self.outbox = outbox
         self.connected = True
+        self.overflowed = False
+        self.pending_bytes = 0
+        self.dropped_progress = 0
+        self.max_pending_bytes = max_pending_bytes
+        self.progress_backlog_bytes = progress_backlog_bytes
+        self._on_overflow = on_overflow
+        self._outbox: deque[str | bytes] = deque()
+        self._ready = asyncio.Event()
 
     def send(self, item: str | bytes) -> None:
         """Queues a frame for the client; dropped once the client is gone."""
-        if self.connected:
-            self.outbox.put_nowait(item)
+        self.send_all([item])
+
+    def send_all(self, items: list[str | bytes]) -> bool:
+        """Queues frames that belong together; ``False`` if they were not queued."""
+        if not self.connected:
+            return False
+        size = sum(len(item) + self.FRAME_OVERHEAD_BYTES for item in items)
+        limit = self.max_pending_bytes
+        if limit is not None and self.pending_bytes and self.pending_bytes + size > limit:
+            self._overflow()
+            return False
+        self._queue(items, size)
+        return True
+
+    def send_progress(self, items: list[str | bytes]) -> bool:
+        """Queues progress frames, or drops them if the client is behind; ``False`` if dropped."""
+        if not self.connected:
+            return False
+        if self.pending_bytes >= self.progress_backlog_bytes:
+            self.dropped_progress += 1
+            return False
+        return self.send_all(items)
+
+    async def next_frame(self) -> str | bytes:
+        """Waits for the next queued frame and takes it out of the outbox."""
+        while not self._outbox:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._outbox.popleft()
+        self.pending_bytes -= len(item) + self.FRAME_OVERHEAD_BYTES
+        return item
+
+    def _queue(self, items: list[str | bytes], size: int) -> None:
+        self._outbox.extend(items)
+        self.pending_bytes += size
+        self._ready.set()
+
+    def _overflow(self) -> None:
+        self.connected = False
+        self.overflowed = True
+        self._outbox.clear()
+        self.pending_bytes = 0
+        if self._on_overflow is not None:
+            self._on_overflow()
 
 
 @dataclass(eq=False)
