@@ -88,6 +88,28 @@ class ServerConfig:
     ``ClientHandle``); one result is always delivered whole. ``None`` disables the limit."""
 
 
+class _RedactingLogger(logging.LoggerAdapter):
+    """The logger handed to websockets, which logs every request header at DEBUG level,
+    ``Authorization`` included: header values and the token never reach a log."""
+
+    def __init__(self, logger: logging.Logger, secret: str) -> None:
+        super().__init__(logger, {})
+        self._secret = secret
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:
+        if self.isEnabledFor(level):
+            if msg == "< %s: %s" and len(args) == 2 and str(args[0]).lower() == "authorization":
+                args = (args[0], "[redacted]")
+            msg = self._redact(msg)
+            args = tuple(self._redact(arg) for arg in args)
+        super().log(level, msg, *args, **kwargs)
+
+    def _redact(self, value: object) -> object:
+        if isinstance(value, str) and self._secret in value:
+            return value.replace(self._secret, "[redacted]")
+        return value
+
+
 class _RateLimiter:
     """Token bucket: ``rate`` messages a second, bursts up to one second's worth."""
 
@@ -167,6 +189,7 @@ class GenfillServer:
             # more than a few frames for it.
             write_limit=2**20,
             server_header=f"genfill/{__version__}",
+            logger=_RedactingLogger(logging.getLogger("websockets.server"), self.token),
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._allowed_hosts = self._hosts_for(config.host, self.port) | set(config.allowed_hosts)
@@ -209,6 +232,9 @@ class GenfillServer:
     # HTTP gate and endpoints
 
     def _gate(self, connection: ServerConnection, request: Request) -> Response | None:
+        # websockets hands over any method it parsed; every endpoint here is a GET.
+        if request.method != "GET":
+            return connection.respond(HTTPStatus.METHOD_NOT_ALLOWED, "only GET is served\n")
         headers = request.headers
         host = headers.get("Host", "")
         if self._allowed_hosts and host.lower() not in self._allowed_hosts:
@@ -457,7 +483,7 @@ class GenfillServer:
             loop.call_soon_threadsafe(job.client.send_progress, frames)
 
         try:
-            engine = self.engines.get(job.engine_name, device)
+            engine = self.engines.get(job.engine_name, device, job.request.model)
             result = await asyncio.to_thread(
                 run_fill, engine, job.request, job.canvas, job.selection, job.seeds, on_step
             )

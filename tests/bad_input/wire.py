@@ -111,10 +111,16 @@ class Session:
         return image_id
 
     async def job_outcome(self, job_id: str, timeout_s: float = 60) -> dict:
-        """Waits for the terminal message (result, error or cancelled) of ``job_id``."""
-        return await self.wait_for(
-            lambda m: m.get("job_id") == job_id and m["type"] in ("result", "error", "cancelled"), timeout_s
-        )
+        """The first terminal message (result, error or cancelled) of ``job_id``, received
+        already or waited for."""
+
+        def terminal(message: dict) -> bool:
+            return message.get("job_id") == job_id and message["type"] in ("result", "error", "cancelled")
+
+        for message in self.messages:
+            if terminal(message):
+                return message
+        return await self.wait_for(terminal, timeout_s)
 
     async def run_valid_job(self, job_id: str, *, size: int = 32, seed: int = 0) -> dict:
         """Uploads a small image and mask, fills, and checks the result arrived whole."""
@@ -136,7 +142,9 @@ def assert_clean_error(message: dict, echo: str | None = None) -> None:
     input it may quote."""
     assert message["type"] == "error", message
     assert message["code"] in {code.value for code in ErrorCode}, message
-    text = message["message"] if echo is None else message["message"].replace(echo, "")
+    text = message["message"]
+    if echo is not None:
+        text = text.replace(repr(echo)[1:-1], "").replace(echo, "")
     for marker in LEAK_MARKERS:
         assert marker not in text, message
 
@@ -147,20 +155,21 @@ def assert_clean_error(message: dict, echo: str | None = None) -> None:
 class RawSocket:
     """A websocket client on a plain socket: handshake, then hand-built frames."""
 
-    def __init__(self, url: str, token: str | None, timeout_s: float = 10) -> None:
+    def __init__(self, url: str, token: str | None, timeout_s: float = 10, headers: dict[str, str] | None = None) -> None:
         parts = urlsplit(url)
         self.sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout_s)
         key = base64.b64encode(os.urandom(16)).decode()
-        lines = [
-            "GET / HTTP/1.1",
-            f"Host: {parts.hostname}:{parts.port}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key}",
-            "Sec-WebSocket-Version: 13",
-        ]
+        fields = {
+            "Host": f"{parts.hostname}:{parts.port}",
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Key": key,
+            "Sec-WebSocket-Version": "13",
+        }
         if token is not None:
-            lines.append(f"Authorization: Bearer {token}")
+            fields["Authorization"] = f"Bearer {token}"
+        fields.update(headers or {})
+        lines = ["GET / HTTP/1.1", *(f"{name}: {value}" for name, value in fields.items())]
         self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
         self._buffer = b""
         while b"\r\n\r\n" not in self._buffer:
@@ -170,6 +179,7 @@ class RawSocket:
             self._buffer += chunk
         head, _, self._buffer = self._buffer.partition(b"\r\n\r\n")
         self.status = int(head.split(b" ", 2)[1])
+        self.response_head = head.decode("latin-1")
 
     def send_frame(self, opcode: int, payload: bytes, *, masked: bool = True) -> None:
         header = bytes([0x80 | opcode])
