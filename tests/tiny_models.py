@@ -151,7 +151,7 @@ def _sd_scheduler() -> PNDMScheduler:
     )
 
 
-def _vae(seed: int, *, latent_channels: int = 4, **extra) -> AutoencoderKL:
+def _vae(seed: int, *, latent_channels: int = 4, attention: bool = True, **extra) -> AutoencoderKL:
     torch.manual_seed(seed)
     return AutoencoderKL(
         block_out_channels=(32, 64),
@@ -162,6 +162,7 @@ def _vae(seed: int, *, latent_channels: int = 4, **extra) -> AutoencoderKL:
         latent_channels=latent_channels,
         layers_per_block=1,
         sample_size=64,
+        mid_block_add_attention=attention,
         **extra,
     )
 
@@ -209,9 +210,9 @@ def _ready(module):
     return module
 
 
-def _sd15_components(seed: int, in_channels: int) -> dict:
+def _sd15_components(seed: int, in_channels: int, vae_attention: bool) -> dict:
     unet = _sd15_unet(seed, in_channels)
-    vae = _vae(seed)
+    vae = _vae(seed, attention=vae_attention)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(clip_text_config())
     return {
@@ -226,14 +227,20 @@ def _sd15_components(seed: int, in_channels: int) -> dict:
     }
 
 
-def tiny_sd15_inpaint(seed: int = 0) -> StableDiffusionInpaintPipeline:
-    """An SD1.5-shaped inpainting pipeline: 9-channel UNet (latents, mask, masked image)."""
-    return _ready(StableDiffusionInpaintPipeline(**_sd15_components(seed, in_channels=9)))
+def tiny_sd15_inpaint(seed: int = 0, *, vae_attention: bool = True) -> StableDiffusionInpaintPipeline:
+    """An SD1.5-shaped inpainting pipeline: 9-channel UNet (latents, mask, masked image).
+
+    ``vae_attention=False`` drops the attention of the VAE's middle block. A trained VAE is
+    nearly local, a random one's attention spreads every latent over the whole image; tests
+    about *where* pixels change want the local one.
+    """
+    return _ready(StableDiffusionInpaintPipeline(**_sd15_components(seed, 9, vae_attention)))
 
 
-def tiny_sd15(seed: int = 0) -> StableDiffusionPipeline:
-    """An SD1.5-shaped ordinary (text-to-image) pipeline: 4-channel UNet."""
-    return _ready(StableDiffusionPipeline(**_sd15_components(seed, in_channels=4)))
+def tiny_sd15(seed: int = 0, *, vae_attention: bool = True) -> StableDiffusionPipeline:
+    """An SD1.5-shaped ordinary (text-to-image) pipeline: 4-channel UNet. ``vae_attention``
+    as in ``tiny_sd15_inpaint``."""
+    return _ready(StableDiffusionPipeline(**_sd15_components(seed, 4, vae_attention)))
 
 
 def tiny_sd15_controlnet(seed: int = 0) -> ControlNetModel:
