@@ -18,7 +18,9 @@ from genfill import fill
 from genfill.protocol import ControlInput, FillRequest, Margins, Mode
 from genfill_server.engines.base import EngineError, EngineJob, JobCancelledError
 from genfill_server.engines.controlnet import ControlNetEngine, control_image
+from genfill_server.engines.flux_fill import FluxFillEngine
 from genfill_server.engines.prefill import extend_edges, prefill, pull_push
+from genfill_server.engines.sd3_inpaint import SD3InpaintEngine
 from genfill_server.engines.sd_inpaint import SCHEDULERS, SDInpaintEngine
 from genfill_server.pipeline import prepare_canvas, run_fill
 
@@ -304,6 +306,50 @@ def test_control_type_without_a_controlnet_is_weights_not_installed(controlnet_e
     with pytest.raises(EngineError) as caught:
         controlnet_engine.run(_job([4], control=[{"type": "pose"}]), _ignore)
     assert caught.value.code == "weights_not_installed"
+
+
+# SD3 and Flux Fill (flow matching, wrapped pipelines); 30x30 checks the padding to 16
+
+
+def _flow_engines():
+    return [
+        pytest.param(lambda: SD3InpaintEngine(tiny_models.tiny_sd3_inpaint), id="sd3"),
+        pytest.param(
+            lambda: FluxFillEngine(tiny_models.tiny_flux_fill, native_size=32, max_sequence_length=16), id="flux_fill"
+        ),
+    ]
+
+
+@pytest.mark.parametrize("make", _flow_engines())
+def test_flow_engines(make):
+    engine = make()
+    engine.load()
+    assert engine.native_size == 32
+    image, selection = _image(30), _square_selection(30)
+    job = EngineJob(image, selection, selection, [1, 2], {"mode": "fill", "prompt": "a cat", "steps": 3})
+    events = []
+    batch = engine.run(job, lambda step, total, preview: events.append((step, total, preview)))
+    assert [image.shape for image in batch] == [(30, 30, 3)] * 2
+    assert [(step, total) for step, total, _ in events] == [(1, 3), (2, 3), (3, 3)]
+    assert events[-1][2] is not None and events[-1][2].dtype == np.uint8
+    single = engine.run(EngineJob(image, selection, selection, [2], {"prompt": "a cat", "steps": 3}), _ignore)
+    assert np.abs(batch[1].astype(int) - single[0]).max() <= 2
+
+    calls = []
+
+    def cancel(step, total, preview):
+        raise JobCancelledError()
+
+    handle = engine.pipeline.transformer.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        with pytest.raises(JobCancelledError):
+            engine.run(job, cancel)
+    finally:
+        handle.remove()
+    assert len(calls) == 1
+    with pytest.raises(EngineError) as caught:
+        engine.run(EngineJob(image, selection, selection, [1], {"scheduler": "ddim"}), _ignore)
+    assert caught.value.code == "invalid_request"
 
 
 # Pre-fill
