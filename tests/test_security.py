@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ import time
 
 import httpx
 import pytest
+from genfill import Client
 from genfill.protocol import Limits, json_schema
 from genfill_server.app import GenfillServer, ServerConfig
 from genfill_server.background import BackgroundServer
@@ -373,3 +375,13 @@ async def test_message_rate_per_client_is_limited(limited):
     await asyncio.sleep(1.1)
     await session.run_valid_job("after-pause")
     await session.close()
+
+
+def test_sdk_never_logs_the_token(caplog):
+    token = "sdk-side-secret-token-0123456789"
+    with BackgroundServer(ServerConfig(write_state_file=False, token=token)) as running:
+        with caplog.at_level(logging.DEBUG, logger="websockets"):
+            with Client(running.url, token=token) as client:
+                client.health()
+    assert any("authorization" in record.getMessage().lower() for record in caplog.records)
+    assert all(token not in record.getMessage() for record in caplog.records)

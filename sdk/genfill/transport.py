@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -62,12 +63,25 @@ class ConnectionSettings:
             "max_size": Limits().max_message_bytes * 2,
             "open_timeout": self.open_timeout_s,
             "user_agent_header": "genfill-sdk",
+            "logger": _RedactingLogger(logging.getLogger("websockets.client")),
         }
 
     def http_url(self, path: str) -> str:
         parts = urlsplit(self.url)
         scheme = "https" if parts.scheme == "wss" else "http"
         return urlunsplit((scheme, parts.netloc, path, "", ""))
+
+
+class _RedactingLogger(logging.LoggerAdapter):
+    """websockets logs every handshake header at DEBUG level; the token must not reach a log."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logger, {})
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:
+        if self.isEnabledFor(level) and len(args) == 2 and str(args[0]).lower() == "authorization":
+            args = (args[0], "[redacted]")
+        super().log(level, msg, *args, **kwargs)
 
 
 def _same_server(url: str, state_url: str) -> bool:
