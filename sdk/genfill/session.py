@@ -292,6 +292,8 @@ class ClientSession:
         frames = {}
         image_ref = self._add_frame(frames, sent_image, ImageFormat(upload_format))
         mask_ref = self._add_frame(frames, sent_mask, ImageFormat.PNG if upload_format == "png" else ImageFormat.GRAY8)
+        if "control" in options:
+            options["control"] = self._control_inputs(options["control"], frames, _size_of(canvas), region, upload_format)
         request = self._request(
             image=image_ref,
             mask=mask_ref,
@@ -321,6 +323,10 @@ class ClientSession:
         canvas = to_rgba(image)
         frames = {}
         image_ref = self._add_frame(frames, canvas, ImageFormat(upload_format))
+        if "control" in options:
+            grown = Size(canvas.shape[1] + left + right, canvas.shape[0] + top + bottom)
+            whole = Box(0, 0, grown.width, grown.height)
+            options["control"] = self._control_inputs(options["control"], frames, grown, whole, upload_format)
         request = self._request(
             image=image_ref,
             prompt=prompt,
@@ -329,6 +335,35 @@ class ClientSession:
             **options,
         )
         return PreparedJob(job_id or uuid.uuid4().hex, request, frames, canvas, result_format, previews)
+
+    def _control_inputs(
+        self, controls: Any, frames: dict[str, bytes], canvas: Size, region: Box, upload_format: str
+    ) -> list[dict]:
+        """Turns ``control`` options into wire form, uploading any control image given.
+
+        Each entry is a ``ControlInput``, a control type name, or a dict of ``ControlInput``
+        fields whose ``image`` may be a PIL image, array or path the size of the canvas.
+        """
+        wire = []
+        for control in controls:
+            if isinstance(control, str):
+                control = {"type": control}
+            elif hasattr(control, "model_dump"):
+                control = control.model_dump()
+            else:
+                control = dict(control)
+            image = control.get("image")
+            if image is not None and not isinstance(image, str):
+                rgba = to_rgba(image)
+                if _size_of(rgba) != canvas:
+                    raise ValueError(
+                        f"control image is {rgba.shape[1]}x{rgba.shape[0]}, the canvas is {canvas.width}x{canvas.height}"
+                    )
+                if region.size != canvas:
+                    rgba = rgba[region.slices]
+                control["image"] = self._add_frame(frames, rgba, ImageFormat(upload_format))
+            wire.append(control)
+        return wire
 
     def _request(self, **fields: Any) -> FillRequest:
         fields = {name: value for name, value in fields.items() if value is not None}

@@ -400,10 +400,23 @@ class GenfillServer:
             raise RequestError(ErrorCode.EMPTY_SELECTION, "the selection is empty: nothing to fill")
         base_seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
         seeds = [(base_seed + index) % (MAX_SEED + 1) for index in range(request.variations)]
-        job = Job(submit.job_id, client.handle, submit, canvas, selection, seeds, engine_name)
+        control_images = [self._control_image(control.image, canvas, client_id) for control in request.control]
+        job = Job(submit.job_id, client.handle, submit, canvas, selection, seeds, engine_name, control_images=control_images)
         client.jobs[job.job_id] = job
         position = self.queue.put(job)
         client.handle.send(Accepted(job_id=job.job_id, queue_position=position).model_dump_json())
+
+    def _control_image(self, image_id: str | None, canvas: np.ndarray, client_id: int) -> np.ndarray | None:
+        if image_id is None:
+            return None
+        control = self.images.get(image_id, client_id).array
+        if control.shape[:2] != canvas.shape[:2]:
+            raise RequestError(
+                ErrorCode.SIZE_MISMATCH,
+                f"control image is {control.shape[1]}x{control.shape[0]} but the canvas is "
+                f"{canvas.shape[1]}x{canvas.shape[0]}",
+            )
+        return control
 
     def _check_limits(self, request) -> None:
         limits = self.limits
@@ -485,7 +498,7 @@ class GenfillServer:
         try:
             engine = self.engines.get(job.engine_name, device, job.request.model)
             result = await asyncio.to_thread(
-                run_fill, engine, job.request, job.canvas, job.selection, job.seeds, on_step
+                run_fill, engine, job.request, job.canvas, job.selection, job.seeds, on_step, job.control_images
             )
             fmt = ImageFormat(job.submit.result_format)
             frames: list[str | bytes] = await asyncio.to_thread(

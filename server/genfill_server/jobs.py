@@ -114,6 +114,9 @@ class Job:
     selection: np.ndarray
     seeds: list[int]
     engine_name: str
+    control_images: list[np.ndarray | None] = field(default_factory=list)
+    """One per ``request.control`` entry: the decoded control image the size of ``canvas``,
+    or ``None`` where the engine derives one with the entry's preprocessor."""
     state: Literal["queued", "running", "finished"] = "queued"
     cancel_requested: threading.Event = field(default_factory=threading.Event)
 

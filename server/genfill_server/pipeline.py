@@ -82,6 +82,7 @@ def run_fill(
     selection: np.ndarray,
     seeds: list[int],
     on_step: StepCallback,
+    control_images: list[np.ndarray | None] | None = None,
 ) -> PipelineResult:
     """Runs one request through ``engine``; blocking.
 
@@ -89,6 +90,8 @@ def run_fill(
         canvas: ``(H, W, 4)`` uint8 RGBA, the image the client sent (grown, for expand).
         selection: ``(H, W)`` uint8, 0 keeps, 255 replaces.
         seeds: one per variation.
+        control_images: one per ``request.control`` entry: a decoded control image the size of
+            ``canvas`` (RGBA or gray uint8), or ``None`` where the engine derives one.
     """
     try:
         context = fill.context_box(selection, native_size=engine.native_size)
@@ -108,12 +111,18 @@ def run_fill(
         work_size = fill.target_size(context.size, engine.native_size)
     work_rgb = fill.resize(rgb, work_size)
     work_selection = fill.resize(local_selection, work_size)
+    options = request.model_dump(exclude={"image", "mask", "region"})
+    # Engines see control images as arrays cropped and scaled like the image, never as ids.
+    for control, image in zip(options["control"], control_images or [None] * len(options["control"])):
+        if image is not None:
+            rgb_control = image if image.ndim == 2 else image[:, :, :3]
+            control["image"] = fill.resize(np.ascontiguousarray(fill.crop(rgb_control, context)), work_size)
     job = EngineJob(
         image=work_rgb,
         selection=work_selection,
         denoise_mask=fill.denoise_mask(work_selection, grow_px=grow_px, feather_px=feather_px),
         seeds=list(seeds),
-        options=request.model_dump(exclude={"image", "mask", "region"}),
+        options=options,
     )
     generated = engine.run(job, on_step)
     if len(generated) != len(seeds):

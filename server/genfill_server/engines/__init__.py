@@ -67,9 +67,17 @@ class EngineSet:
                 spec for spec in serving
                 if wanted <= {c for m in spec.models if m.name == request.model for c in m.control}
             ]
-            name = next((spec.name for spec in fitting or serving), None)
-            if name is None:
+            if not serving:
                 raise RequestError(ErrorCode.MODEL_NOT_FOUND, f"no installed model is named {request.model!r}")
+            if wanted and not fitting:
+                offered = {c for spec in serving for m in spec.models if m.name == request.model for c in m.control}
+                missing = ", ".join(sorted(wanted - offered))
+                raise RequestError(
+                    ErrorCode.WEIGHTS_NOT_INSTALLED,
+                    f"no {missing} ControlNet is installed for {request.model!r}: put one (e.g. a "
+                    f"control_v11 {missing} model) in a models folder",
+                )
+            name = (fitting or serving)[0].name
         name = name or self.default_name
         spec = self.specs.get(name)
         if spec is None:

@@ -41,14 +41,16 @@ class EngineJob:
     """One prepared unit of work for an engine.
 
     Attributes:
-        image: ``(H, W, 3)`` uint8 RGB context crop, already scaled to the engine's band and
-            pre-filled inside the selection according to the mode.
+        image: ``(H, W, 3)`` uint8 RGB context crop, already scaled to the engine's band. Not
+            pre-filled: engines that need it pre-fill from ``selection`` and ``options["mode"]``.
         selection: ``(H, W)`` uint8 selection in the crop, 0 keeps, 255 replaces, soft between.
         denoise_mask: ``(H, W)`` uint8 mask of where the engine may change pixels (the
             selection grown and feathered); 255 wherever ``selection`` is 255.
         seeds: one seed per variation; ``len(seeds)`` images are returned.
         options: the request's generation options (prompt, steps, strength, ...), as a dict of
-            the protocol's ``FillRequest`` fields.
+            the protocol's ``FillRequest`` fields. ``options["control"][i]["image"]`` is
+            ``None`` or the request's control image as a uint8 array cropped and scaled like
+            ``image`` (``(H, W, 3)`` RGB or ``(H, W)`` gray).
     """
 
     image: np.ndarray

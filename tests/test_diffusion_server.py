@@ -1,0 +1,122 @@
+"""Diffusion engines end to end: tiny models on disk, found by the registry, served by the real
+server, driven by both SDK clients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import tiny_models
+from conftest import brick_image, rect_mask
+from genfill import EngineUnavailable, JobCancelled
+from genfill_server.app import ServerConfig
+from genfill_server.background import BackgroundServer
+from genfill_server.engines import default_engines
+
+INPAINT = "tiny-inpaint"
+PLAIN = "tiny-plain"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    models = tmp_path_factory.mktemp("models")
+    tiny_models.tiny_sd15_inpaint(vae_attention=False).save_pretrained(models / INPAINT)
+    tiny_models.tiny_sd15(vae_attention=False).save_pretrained(models / PLAIN)
+    tiny_models.tiny_sd15_controlnet().save_pretrained(models / "control_v11p_sd15_canny")
+    engines = default_engines(model_dirs=[models], hf_cache=False)
+    with BackgroundServer(ServerConfig(write_state_file=False), engines) as running:
+        yield running
+
+
+def unchanged_outside(canvas, result, mask, index=0):
+    composite = result.composite_array(index)
+    np.testing.assert_array_equal(composite[mask == 0], canvas[mask == 0])
+    return composite
+
+
+def test_hello_lists_the_installed_models(any_client):
+    names = {model.name for model in any_client.hello.models}
+    assert {INPAINT, PLAIN} <= names
+    engines = {engine.name for engine in any_client.hello.engines}
+    assert {"classic", "sd_inpaint", "controlnet"} <= engines
+
+
+def test_inpaint_fill_with_progress_previews_and_seeds(any_client):
+    canvas = brick_image(96, 80)
+    mask = rect_mask(96, 80, (60, 50, 36, 30))  # touching the right and bottom edges
+    events = []
+    result = any_client.fill(canvas, mask, "a window", model=INPAINT, variations=2, steps=4, seed=21,
+                             on_progress=events.append)
+    assert result.engine == "sd_inpaint" and result.seeds == [21, 22]
+    assert result.box.right == 96 and result.box.bottom == 80
+    for index in range(2):
+        composite = unchanged_outside(canvas, result, mask, index)
+        assert not np.array_equal(composite[mask > 0], canvas[mask > 0])
+    progress = [event for event in events if event.kind == "progress"]
+    assert progress[-1].step == progress[-1].total == 4
+    assert any(event.preview is not None and event.preview.shape[2] == 3 for event in progress)
+    again = any_client.fill(canvas, mask, "a window", model=INPAINT, variations=1, steps=4, seed=22)
+    np.testing.assert_allclose(again.arrays[0].astype(int), result.arrays[1].astype(int), atol=2)
+
+
+@pytest.mark.parametrize("mode", ["fill", "add", "remove"])
+@pytest.mark.parametrize("model", [INPAINT, PLAIN])
+def test_every_mode_on_inpaint_and_ordinary_checkpoints(server, model, mode):
+    from genfill import Client
+
+    canvas = brick_image(64, 64, seed=2)
+    mask = rect_mask(64, 64, (0, 20, 17, 23))  # odd size, touching the left edge
+    with Client(server.url, token=server.token) as client:
+        result = client.fill(canvas, mask, "", model=model, mode=mode, variations=1, steps=2, seed=5)
+    unchanged_outside(canvas, result, mask)
+    assert result.box.x == 0
+
+
+def test_expand_with_a_diffusion_model(any_client):
+    canvas = brick_image(48, 40)
+    result = any_client.expand(canvas, right=16, bottom=8, prompt="more wall", model=INPAINT, variations=1, steps=2, seed=1)
+    grown = result.composite_array(0)
+    assert grown.shape == (48, 64, 4)
+    np.testing.assert_array_equal(grown[:40, :48], canvas)
+    assert (grown[:, 48:, 3] == 255).all()
+
+
+def test_soft_selection_is_kept_soft(any_client):
+    canvas = brick_image(64, 64, seed=4)
+    mask = np.tile(np.linspace(0, 255, 64).astype(np.uint8), (64, 1))
+    result = any_client.fill(canvas, mask, model=INPAINT, variations=1, steps=3, seed=2)
+    composite = unchanged_outside(canvas, result, mask)
+    change = np.abs(composite[:, :, :3].astype(int) - canvas[:, :, :3].astype(int)).mean(axis=(0, 2))
+    assert change[:16].mean() < change[48:].mean()
+
+
+def test_controlnet_with_derived_and_supplied_control_images(any_client):
+    canvas = brick_image(64, 64, seed=5)
+    mask = rect_mask(64, 64, (16, 16, 32, 32))
+    derived = any_client.fill(canvas, mask, model=INPAINT, control=["canny"], variations=1, steps=2, seed=3)
+    assert derived.engine == "controlnet"
+    unchanged_outside(canvas, derived, mask)
+    edges = np.zeros((64, 64), np.uint8)
+    edges[:, ::8] = 255
+    supplied = any_client.fill(canvas, mask, model=INPAINT, control=[{"type": "canny", "image": edges}],
+                               variations=1, steps=2, seed=3)
+    unchanged_outside(canvas, supplied, mask)
+    assert not np.array_equal(supplied.arrays[0], derived.arrays[0])
+
+
+def test_preprocessor_without_weights_says_what_to_install(any_client):
+    canvas, mask = brick_image(64, 64), rect_mask(64, 64, (8, 8, 16, 16))
+    with pytest.raises(EngineUnavailable) as caught:
+        any_client.fill(canvas, mask, model=INPAINT, control=["depth"], variations=1, steps=2)
+    assert caught.value.code == "weights_not_installed"
+    assert "depth" in str(caught.value)
+
+
+def test_cancel_a_diffusion_job(client_factory):
+    canvas, mask = brick_image(64, 64), rect_mask(64, 64, (8, 8, 40, 40))
+    with client_factory() as client:
+        job = client.submit_fill(canvas, mask, model=INPAINT, variations=1, steps=150, seed=1)
+        job.cancel()
+        with pytest.raises(JobCancelled):
+            job.result(timeout_s=120)
+        after = client.fill(canvas, mask, model=INPAINT, variations=1, steps=2, seed=1, timeout_s=120)
+        unchanged_outside(canvas, after, mask)
