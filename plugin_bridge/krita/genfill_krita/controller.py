@@ -1,0 +1,103 @@
+"""Runs one fill at a time for the docker and the menu action, without freezing Krita.
+
+Threading (written down, as genfill's style asks): the bridge's blocking client runs on a
+plain worker thread; it touches no Krita or Qt object. Reading the document (``prepare``) and
+inserting the layers (``apply``) happen on Krita's main thread. The worker reports through
+Qt signals of this ``QObject``, which lives on the main thread, so PyQt queues them across.
+We chose this over driving asyncio from a Qt timer: the same blocking client then serves GIMP
+(whose plug-ins are their own process and may block), and there is one code path to test.
+Cancel sets a ``threading.Event`` the worker polls every 0.1 s.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from PyQt5.QtCore import QObject, pyqtSignal
+
+from .adapter import KritaDocument
+from .genfill_bridge import BridgeError, FillOptions, JobCancelled, ServerSettings, apply, prepare, run
+
+
+class FillController(QObject):
+    """``started``, then ``progress`` and ``status`` while it runs, then ``finished(ok, text)``."""
+
+    started = pyqtSignal()
+    progress = pyqtSignal(int, int)
+    status = pyqtSignal(str)
+    finished = pyqtSignal(bool, str)
+    _event = pyqtSignal(object)
+    _done = pyqtSignal(object, object)
+
+    def __init__(self, parent=None) -> None:
+        super().__init__(parent)
+        self._event.connect(self._on_event)
+        self._done.connect(self._on_done)
+        self._cancel: threading.Event | None = None
+        self._job = None
+        self.last_group = None
+
+    @property
+    def busy(self) -> bool:
+        return self._job is not None
+
+    def start(self, document, options: FillOptions, settings: ServerSettings, node=None) -> bool:
+        """Reads the document and starts the job; False (and ``finished``) if it cannot start."""
+        if self.busy:
+            self.status.emit("A fill is already running: wait for it or cancel it.")
+            return False
+        if document is None:
+            self.finished.emit(False, "Open an image first.")
+            return False
+        adapter = KritaDocument(document, node)
+        try:
+            prepared = prepare(adapter, options)
+        except (BridgeError, ValueError) as exc:
+            self.finished.emit(False, str(exc))
+            return False
+        self._cancel = threading.Event()
+        self._job = (adapter, prepared)
+        self.started.emit()
+        self.status.emit("Connecting to the genfill server...")
+        threading.Thread(target=self._work, args=(prepared, settings, self._cancel), name="genfill-fill", daemon=True).start()
+        return True
+
+    def cancel(self) -> None:
+        if self._cancel is not None and not self._cancel.is_set():
+            self._cancel.set()
+            self.status.emit("Cancelling...")
+
+    def _work(self, prepared, settings: ServerSettings, cancel: threading.Event) -> None:
+        try:
+            result = run(prepared, settings, on_event=self._event.emit, cancel=cancel)
+        except BridgeError as exc:
+            self._done.emit(None, exc)
+        except Exception as exc:  # noqa: BLE001 - the docker must show something, never hang
+            self._done.emit(None, BridgeError(f"Unexpected error in the genfill plug-in: {exc!r}"))
+        else:
+            self._done.emit(result, None)
+
+    def _on_event(self, event) -> None:
+        if event.kind == "accepted":
+            ahead = event.queue_position
+            self.status.emit("Filling..." if ahead == 0 else f"Waiting: {ahead} job(s) ahead on the server.")
+        elif event.kind == "progress":
+            self.status.emit("Filling...")
+            self.progress.emit(event.step, event.total)
+
+    def _on_done(self, result, error) -> None:
+        adapter, prepared = self._job
+        self._job = None
+        self._cancel = None
+        if error is not None:
+            self.finished.emit(False, "Cancelled." if isinstance(error, JobCancelled) else str(error))
+            return
+        try:
+            name = apply(adapter, prepared, result)
+        except Exception as exc:  # noqa: BLE001 - e.g. the document was closed meanwhile
+            self.finished.emit(False, f"The fill finished but its layers could not be added: {exc}")
+            return
+        self.last_group = adapter.inserted_group
+        count = len(result.variations)
+        shown = " Variation 1 is shown; the others are hidden in the group." if count > 1 else ""
+        self.finished.emit(True, f"Added {count} layer(s) in group '{name}' ({result.seconds:.1f} s).{shown}")

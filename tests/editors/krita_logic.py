@@ -1,0 +1,187 @@
+"""Scenarios run inside real Krita by ``kritarunner`` (no window), for tests/test_krita.py.
+
+    kritarunner -s krita_logic -f main SCENARIO JOB_JSON
+
+``JOB_JSON`` names a JSON file with the server's url and token, the input image (raw RGBA),
+the selection and where to write results. kritarunner always exits 0, so every outcome,
+errors included, goes to ``out``. The installed plug-in package must be on ``PYTHONPATH``.
+"""
+
+import json
+import os
+import sys
+import traceback
+
+from krita import InfoObject, Krita, Selection
+from PyQt5.QtCore import QEventLoop, QTimer
+
+
+def main(args):
+    scenario, job_path = args[0], args[1]
+    with open(job_path, encoding="utf-8") as file:
+        job = json.load(file)
+    out = {"scenario": scenario, "python": sys.version.split()[0]}
+    try:
+        SCENARIOS[scenario](job, out)
+    except Exception:  # noqa: BLE001 - reported to the test
+        out["exception"] = traceback.format_exc()
+    with open(job["out"], "w", encoding="utf-8") as file:
+        json.dump(out, file, indent=1)
+
+
+def make_document(job, depth="U8"):
+    width, height = job["width"], job["height"]
+    document = Krita.instance().createDocument(width, height, "genfill test", "RGBA", depth, "", 72.0)
+    document.setBatchmode(True)
+    layer = [node for node in document.topLevelNodes() if node.type() == "paintlayer"][0]
+    if depth == "U8":
+        from genfill_krita.genfill_bridge.frames import swap_red_blue
+
+        with open(job["image"], "rb") as file:
+            layer.setPixelData(swap_red_blue(file.read()), 0, 0, width, height)
+    document.waitForDone()
+    document.refreshProjection()
+    if job.get("selection"):
+        selection = Selection()
+        selection.select(*job["selection"], 255)
+        document.setSelection(selection)
+    return document, layer
+
+
+def run_controller(document, layer, options, settings, on_progress=None, timeout_s=120):
+    from genfill_krita.controller import FillController
+
+    controller = FillController()
+    loop = QEventLoop()
+    outcome = {}
+
+    def finished(ok, text):
+        outcome.update(ok=ok, text=text)
+        loop.quit()
+
+    def progress(step, total):
+        outcome.setdefault("progress", []).append([step, total])
+        if on_progress is not None:
+            on_progress(controller, step, total)
+
+    controller.finished.connect(finished)
+    controller.progress.connect(progress)
+    started = controller.start(document, options, settings, node=layer)
+    outcome["started"] = started
+    if started:
+        QTimer.singleShot(timeout_s * 1000, loop.quit)
+        loop.exec_()
+    outcome.setdefault("ok", None)
+    return controller, outcome
+
+
+def describe_layers(document):
+    groups = []
+    for node in document.topLevelNodes():
+        if node.type() != "grouplayer":
+            continue
+        children = []
+        for child in node.childNodes():
+            bounds = child.bounds()
+            children.append(
+                {"name": child.name(), "type": child.type(), "visible": child.visible(),
+                 "bounds": [bounds.x(), bounds.y(), bounds.width(), bounds.height()]}
+            )
+        groups.append({"name": node.name(), "children": children})
+    return groups
+
+
+def scenario_fill(job, out):
+    from genfill_krita.genfill_bridge import FillOptions, ServerSettings
+    from genfill_krita.genfill_bridge.frames import swap_red_blue
+
+    document, layer = make_document(job)
+    options = FillOptions(prompt=job["prompt"], variations=job["variations"], seed=job["seed"])
+    settings = ServerSettings(url=job["url"], token=job["token"])
+    controller, outcome = run_controller(document, layer, options, settings)
+    out.update(outcome)
+    out["groups"] = describe_layers(document)
+    x, y, width, height = job["selection"]
+    group = controller.last_group
+    dumps = []
+    if group is not None:
+        for index, child in enumerate(group.childNodes()):
+            path = os.path.join(job["workdir"], f"variation-{index}.rgba")
+            with open(path, "wb") as file:
+                file.write(swap_red_blue(bytes(child.pixelData(0, 0, job["width"], job["height"]))))
+            dumps.append(path)
+    out["variation_dumps"] = dumps
+    document.waitForDone()
+    out["exported"] = document.exportImage(job["export"], InfoObject())
+    out["export"] = job["export"]
+    document.close()
+
+
+def scenario_expand(job, out):
+    from genfill_krita.genfill_bridge import FillOptions, Margins, ServerSettings
+
+    document, layer = make_document(job)
+    options = FillOptions(mode="expand", expand=Margins(**job["margins"]), variations=1, seed=1)
+    controller, outcome = run_controller(document, layer, options, ServerSettings(url=job["url"], token=job["token"]))
+    out.update(outcome)
+    out["size"] = [document.width(), document.height()]
+    out["groups"] = describe_layers(document)
+    document.waitForDone()
+    out["exported"] = document.exportImage(job["export"], InfoObject())
+    out["export"] = job["export"]
+    document.close()
+
+
+def scenario_cancel(job, out):
+    from genfill_krita.genfill_bridge import FillOptions, ServerSettings
+
+    document, layer = make_document(job)
+    options = FillOptions(variations=8, seed=2)
+
+    def cancel_on_first_step(controller, step, total):
+        controller.cancel()
+
+    _, outcome = run_controller(
+        document, layer, options, ServerSettings(url=job["url"], token=job["token"]), on_progress=cancel_on_first_step
+    )
+    out.update(outcome)
+    out["groups"] = describe_layers(document)
+    document.close()
+
+
+def scenario_refused(job, out):
+    """Starts fills that must be refused: the message is what the painter reads."""
+    from genfill_krita.genfill_bridge import FillOptions, ServerSettings
+
+    settings = ServerSettings(url=job["url"], token=job["token"])
+    document, layer = make_document(job, depth=job.get("depth", "U8"))
+    if job.get("clear_selection"):
+        document.setSelection(None)
+    _, outcome = run_controller(document, layer, FillOptions(variations=1), settings)
+    out.update(outcome)
+    out["groups"] = describe_layers(document)
+    document.close()
+
+
+def scenario_import_zip(job, out):
+    """Krita's own 'Import Python Plugin from File' logic, on the zip genfill builds."""
+    sys.path.insert(0, "/usr/share/krita/pykrita")
+    from plugin_importer.plugin_importer import PluginImporter
+
+    importer = PluginImporter(job["zip"], job["resources"], lambda plugin: True)
+    out["imported"] = [plugin["name"] for plugin in importer.import_all()]
+    sys.path.insert(0, os.path.join(job["resources"], "pykrita"))
+    from genfill_krita.adapter import KritaDocument  # noqa: F401 - the imported copy must load
+
+    import genfill_krita
+
+    out["module"] = genfill_krita.__file__
+
+
+SCENARIOS = {
+    "fill": scenario_fill,
+    "expand": scenario_expand,
+    "cancel": scenario_cancel,
+    "refused": scenario_refused,
+    "import_zip": scenario_import_zip,
+}

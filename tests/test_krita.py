@@ -1,0 +1,247 @@
+"""The Krita plug-in in real Krita 5 against the real genfill server (classic engine).
+
+- ``kritarunner`` (no window) runs the plug-in's controller and adapter: fill, expand, cancel,
+  refusals, and Krita's own zip importer on the zip genfill builds.
+- Full ``krita`` under Xvfb loads the plug-in the way a user gets it (installed by
+  ``genfill plugin install krita`` into the test's HOME, enabled in kritarc), and a harness
+  plug-in triggers its menu action, then undoes.
+
+Each editor run gets its own HOME copied from a warmed template and runs under ``timeout``.
+Provision with ``tests/editors/provision.sh``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from genfill import Client
+from genfill_server.app import ServerConfig
+from genfill_server.background import BackgroundServer
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "editors"))
+import harness  # noqa: E402
+
+EDITORS = harness.ROOT / "tests" / "editors"
+WIDTH, HEIGHT = 301, 203
+# Odd-sized, touching the right and top edges.
+SELECTION = (250, 0, 51, 37)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def krita_installed():
+    harness.require("Krita 5 (kritarunner, krita) and Xvfb",
+                    all(shutil.which(tool) for tool in ("kritarunner", "krita", "Xvfb")))
+
+
+@pytest.fixture(scope="module")
+def server():
+    with BackgroundServer(ServerConfig(write_state_file=False)) as background:
+        yield background
+
+
+@pytest.fixture(scope="module")
+def template_home(tmp_path_factory):
+    """A HOME where Krita has built its resource database once (13-19 s cold, ~1 s after)."""
+    home = tmp_path_factory.mktemp("krita-home-template")
+    warm = home.parent / "warm_krita.py"
+    warm.write_text("def main(args):\n    open(args[0], 'w').write('warm')\n")
+    done = home.parent / "warm.out"
+    result = harness.run(
+        ["kritarunner", "-s", "warm_krita", "-f", "main", str(done)],
+        env=harness.clean_env(home, PYTHONPATH=str(warm.parent), QT_QPA_PLATFORM="offscreen"),
+        timeout_s=180,
+    )
+    assert done.exists(), f"kritarunner did not start:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return home
+
+
+def _photo() -> np.ndarray:
+    rng = np.random.default_rng(11)
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    rgb = np.stack([x * 255 // (WIDTH - 1), y * 255 // (HEIGHT - 1), (x * 3 + y) % 256], axis=2)
+    rgb = np.clip(rgb + rng.integers(0, 30, rgb.shape), 0, 255).astype(np.uint8)
+    return np.dstack([rgb, np.full((HEIGHT, WIDTH), 255, np.uint8)])
+
+
+def _selection_mask() -> np.ndarray:
+    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
+    x, y, w, h = SELECTION
+    mask[y : y + h, x : x + w] = 255
+    return mask
+
+
+def _install(home: Path) -> Path:
+    """``genfill plugin install krita`` with this HOME: the default per-user folders."""
+    env = {**os.environ, "HOME": str(home), "XDG_DATA_HOME": str(home / ".local/share"),
+           "XDG_CONFIG_HOME": str(home / ".config")}
+    subprocess.run([sys.executable, "-m", "genfill_server", "plugin", "install", "krita"], env=env, check=True,
+                   capture_output=True, text=True)
+    pykrita = home / ".local/share/krita/pykrita"
+    assert (pykrita / "genfill_krita.desktop").is_file()
+    assert "enable_genfill_krita=true" in (home / ".config/kritarc").read_text()
+    return pykrita
+
+
+def _kritarunner(scenario: str, job: dict, tmp_path: Path, template_home: Path) -> dict:
+    home = harness.copy_home(template_home, tmp_path / "home")
+    pykrita = _install(home)
+    image = tmp_path / "in.rgba"
+    _photo().tofile(image)
+    job = {"width": WIDTH, "height": HEIGHT, "image": str(image), "selection": list(SELECTION),
+           "workdir": str(tmp_path), "out": str(tmp_path / "out.json"), "export": str(tmp_path / "export.png"), **job}
+    job_path = tmp_path / "job.json"
+    job_path.write_text(json.dumps(job))
+    env = harness.clean_env(home, PYTHONPATH=f"{pykrita}:{EDITORS}", QT_QPA_PLATFORM="offscreen")
+    result = harness.run(["kritarunner", "-s", "krita_logic", "-f", "main", scenario, str(job_path)], env=env, timeout_s=240)
+    out_path = Path(job["out"])
+    assert out_path.exists(), f"kritarunner wrote no result (rc {result.returncode}):\n{result.stderr[-4000:]}"
+    out = json.loads(out_path.read_text())
+    assert "exception" not in out, out["exception"]
+    return out
+
+
+def test_fill_adds_variation_layers_at_the_selection(server, tmp_path, template_home):
+    out = _kritarunner("fill", {"url": server.url, "token": server.token, "prompt": "sea", "variations": 3, "seed": 5},
+                       tmp_path, template_home)
+    assert out["python"].startswith("3.")
+    assert out["ok"] is True, out["text"]
+    assert out["progress"] and out["progress"][-1][0] == out["progress"][-1][1]
+    [group] = out["groups"]
+    assert group["name"] == "sea"
+    assert [child["visible"] for child in group["children"]] == [True, False, False]
+    for child in group["children"]:
+        assert child["type"] == "paintlayer"
+        assert child["bounds"] == list(SELECTION)  # the exact box: Krita crops bounds to content
+
+    # The layers hold exactly what the server returns for this request (the SDK asks the same).
+    canvas, mask = _photo(), _selection_mask()
+    with Client(server.url, token=server.token) as client:
+        expected = client.fill(canvas, mask, "sea", variations=3, seed=5)
+    assert tuple(expected.box) == SELECTION
+    x, y, w, h = SELECTION
+    for dump, array in zip(out["variation_dumps"], expected.arrays):
+        layer = np.fromfile(dump, np.uint8).reshape(HEIGHT, WIDTH, 4)
+        assert np.array_equal(layer[y : y + h, x : x + w], array)
+        assert not layer[mask == 0].any()
+
+    exported = np.asarray(Image.open(out["export"]).convert("RGBA"))
+    assert exported.shape == canvas.shape
+    assert np.array_equal(exported[mask == 0], canvas[mask == 0]), "pixels outside the selection changed"
+    assert not np.array_equal(exported[mask > 0], canvas[mask > 0]), "the selection was not filled"
+
+
+def test_expand_grows_the_canvas(server, tmp_path, template_home):
+    out = _kritarunner("expand", {"url": server.url, "token": server.token, "margins": {"left": 7, "bottom": 5}},
+                       tmp_path, template_home)
+    assert out["ok"] is True, out["text"]
+    assert out["size"] == [WIDTH + 7, HEIGHT + 5]
+    exported = np.asarray(Image.open(out["export"]).convert("RGBA"))
+    assert exported.shape == (HEIGHT + 5, WIDTH + 7, 4)
+    assert np.array_equal(exported[0:HEIGHT, 7:], _photo()), "the original pixels moved or changed"
+    assert exported[:, :7, 3].all() and exported[HEIGHT:, :, 3].all(), "the new area was not filled"
+
+
+def test_cancel_leaves_the_document_unchanged(server, tmp_path, template_home):
+    out = _kritarunner("cancel", {"url": server.url, "token": server.token, "selection": [0, 0, 260, 190]},
+                       tmp_path, template_home)
+    assert out["ok"] is False and out["text"] == "Cancelled."
+    assert out["groups"] == []
+
+
+def test_stopped_server_is_said_plainly(tmp_path, template_home):
+    with BackgroundServer(ServerConfig(write_state_file=False)) as stopped:
+        url, token = stopped.url, stopped.token
+    out = _kritarunner("refused", {"url": url, "token": token}, tmp_path, template_home)
+    assert out["ok"] is False
+    assert "not running" in out["text"] and "genfill serve" in out["text"]
+
+
+def test_wrong_token_is_said_plainly(server, tmp_path, template_home):
+    out = _kritarunner("refused", {"url": server.url, "token": "wrong"}, tmp_path, template_home)
+    assert out["ok"] is False and "refused the token" in out["text"]
+
+
+def test_no_selection_is_said_plainly(server, tmp_path, template_home):
+    out = _kritarunner("refused", {"url": server.url, "token": server.token, "clear_selection": True},
+                       tmp_path, template_home)
+    assert out["started"] is False and "Nothing is selected" in out["text"]
+
+
+def test_16_bit_documents_are_refused_with_what_to_do(server, tmp_path, template_home):
+    out = _kritarunner("refused", {"url": server.url, "token": server.token, "depth": "U16"}, tmp_path, template_home)
+    assert out["started"] is False
+    assert "16-bit integer RGB" in out["text"] and "Convert Image Color Space" in out["text"]
+    assert out["groups"] == []
+
+
+def test_zip_imports_through_kritas_importer(tmp_path, template_home):
+    from genfill_bridge.install import build_krita_zip
+
+    archive = build_krita_zip(tmp_path / "genfill_krita.zip")
+    resources = tmp_path / "resources"
+    resources.mkdir()
+    out = _kritarunner("import_zip", {"zip": str(archive), "resources": str(resources)}, tmp_path, template_home)
+    assert out["imported"] == ["genfill_krita"]
+    assert out["module"].startswith(str(resources / "pykrita" / "genfill_krita"))
+    assert (resources / "pykrita/genfill_krita/genfill_bridge/_vendor/websockets/LICENSE").is_file()
+
+
+@pytest.fixture
+def xvfb(tmp_path):
+    read, write = os.pipe()
+    process = subprocess.Popen(
+        ["Xvfb", "-displayfd", str(write), "-screen", "0", "1920x1080x24", "-nolisten", "tcp"],
+        pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        display = pipe.readline().strip()
+    assert display, "Xvfb did not report a display"
+    yield f":{display}"
+    process.terminate()
+    process.wait(10)
+
+
+def test_full_krita_menu_action_fills_and_undo_removes(server, tmp_path, template_home, xvfb):
+    home = harness.copy_home(template_home, tmp_path / "home")
+    pykrita = _install(home)
+    shutil.copy(EDITORS / "krita_driver/genfill_ci_driver.desktop", pykrita)
+    shutil.copytree(EDITORS / "krita_driver/genfill_ci_driver", pykrita / "genfill_ci_driver")
+    from genfill_bridge.install import enable_in_kritarc
+
+    enable_in_kritarc(home / ".config/kritarc", "genfill_ci_driver")
+    image = tmp_path / "in.rgba"
+    _photo().tofile(image)
+    job = {"url": server.url, "token": server.token, "width": WIDTH, "height": HEIGHT, "image": str(image),
+           "selection": list(SELECTION), "prompt": "a calm sea", "variations": 2, "seed": 9,
+           "out": str(tmp_path / "out.json"), "export": str(tmp_path / "filled.png"),
+           "export_after_undo": str(tmp_path / "undone.png"), "wait_ms": 120000, "stacks_after_s": 200}
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    env = harness.clean_env(home, DISPLAY=xvfb, GENFILL_CI_JOB=str(tmp_path / "job.json"))
+    result = harness.run(["krita", "--nosplash"], env=env, timeout_s=int(os.environ.get("GENFILL_KRITA_TIMEOUT_S", "240")))
+    out_path = tmp_path / "out.json"
+    partial = Path(str(out_path) + ".partial")
+    progress = partial.read_text() if partial.exists() else "(it never started)"
+    assert out_path.exists(), f"krita did not finish the scenario (rc {result.returncode}); it got to {progress}"
+    out = json.loads(out_path.read_text())
+    assert "exception" not in out, out["exception"]
+    assert "slot_exceptions" not in out, out["slot_exceptions"][0]
+    assert out["docker_found"] and out["action_found"]
+    assert out["ok"] is True, out["text"]
+    assert out["groups_after_fill"] == [
+        {"name": "a calm sea", "children": [["a calm sea - variation 1", True], ["a calm sea - variation 2", False]]}
+    ]
+    canvas, mask = _photo(), _selection_mask()
+    filled = np.asarray(Image.open(job["export"]).convert("RGBA"))
+    assert np.array_equal(filled[mask == 0], canvas[mask == 0])
+    assert not np.array_equal(filled[mask > 0], canvas[mask > 0])
+    assert out["groups_after_undo"] == [], "undo did not remove the fill"
+    assert np.array_equal(np.asarray(Image.open(job["export_after_undo"]).convert("RGBA")), canvas)
