@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""genfill for GIMP 3: Filters > Generative > Fill / Expand.
+
+Two PDB procedures, usable from scripts with the same arguments the dialog shows:
+
+- ``python-fu-genfill-fill``: fills the selection of the image (from the active layer or the
+  visible image) through a genfill server;
+- ``python-fu-genfill-expand``: grows the canvas by the given margins and fills the new area.
+
+Results come back as new layers at the exact offset, one per variation in a layer group named
+after the prompt (the first shown, the others hidden), all inside one undo group.
+A plug-in is its own process, so the bridge's blocking client runs on GIMP's main thread;
+GIMP's progress cancel ends this process, which closes the connection, and the server then
+cancels the job.
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import gi  # noqa: E402
+
+gi.require_version("Gimp", "3.0")
+gi.require_version("Gegl", "0.4")
+from gi.repository import Gegl, Gimp, GLib, GObject  # noqa: E402
+
+import genfill_bridge as gb  # noqa: E402
+
+FILL = "python-fu-genfill-fill"
+EXPAND = "python-fu-genfill-expand"
+_RGBA = "R'G'B'A u8"
+
+
+class GimpDocument(gb.Document):
+    """A GIMP image and the drawable to read, through GEGL buffers.
+
+    GEGL converts on the way in and out, so RGB and grayscale images of any precision work:
+    the bridge always sees 8-bit RGBA. Indexed images are refused.
+    """
+
+    def __init__(self, image, drawable):
+        self.image = image
+        self.drawable = drawable
+
+    def size(self):
+        return gb.Size(self.image.get_width(), self.image.get_height())
+
+    def check_supported(self):
+        if self.image.get_base_type() == Gimp.ImageBaseType.INDEXED:
+            raise gb.UnsupportedDocument(
+                "This image is indexed; genfill works on RGB and grayscale images. "
+                "Convert it with Image > Mode > RGB and try again."
+            )
+
+    def selection_bounds(self):
+        bounds = Gimp.Selection.bounds(self.image)
+        non_empty, x1, y1, x2, y2 = bounds[-5:]
+        if not non_empty or x2 <= x1 or y2 <= y1:
+            return None
+        return gb.Box(x1, y1, x2 - x1, y2 - y1)
+
+    def selection_pixels(self, box):
+        buffer = self.image.get_selection().get_buffer()
+        return bytes(buffer.get(_rect(box), 1.0, "Y u8", Gegl.AbyssPolicy.NONE))
+
+    def pixels(self, box, source):
+        if source == "visible" or self.drawable is None:
+            visible = Gimp.Layer.new_from_visible(self.image, self.image, "genfill visible")
+            try:
+                return bytes(visible.get_buffer().get(_rect(box), 1.0, _RGBA, Gegl.AbyssPolicy.NONE))
+            finally:
+                visible.delete()
+        # A drawable's buffer is in its own coordinates; outside it pixels are transparent.
+        _, offset_x, offset_y = self.drawable.get_offsets()
+        local = gb.Box(box.x - offset_x, box.y - offset_y, box.width, box.height)
+        return bytes(self.drawable.get_buffer().get(_rect(local), 1.0, _RGBA, Gegl.AbyssPolicy.NONE))
+
+    def insert_results(self, name, box, layers, grow):
+        image = self.image
+        image.undo_group_start()
+        try:
+            if grow is not None:
+                image.resize(
+                    image.get_width() + grow.left + grow.right,
+                    image.get_height() + grow.top + grow.bottom,
+                    grow.left,
+                    grow.top,
+                )
+            kind = Gimp.ImageType.GRAYA_IMAGE if image.get_base_type() == Gimp.ImageBaseType.GRAY else Gimp.ImageType.RGBA_IMAGE
+            group = Gimp.GroupLayer.new(image, name)
+            parent = self.drawable.get_parent() if self.drawable is not None else None
+            position = image.get_item_position(self.drawable) if self.drawable is not None else 0
+            image.insert_layer(group, parent, position)
+            for index, rgba in enumerate(layers):
+                layer = Gimp.Layer.new(
+                    image, f"{name} - variation {index + 1}", box.width, box.height, kind, 100.0, Gimp.LayerMode.NORMAL
+                )
+                image.insert_layer(layer, group, index)
+                buffer = layer.get_buffer()
+                buffer.set(Gegl.Rectangle.new(0, 0, box.width, box.height), _RGBA, rgba)
+                buffer.flush()
+                layer.set_offsets(box.x, box.y)
+                layer.set_visible(index == 0)
+                layer.update(0, 0, box.width, box.height)
+        finally:
+            image.undo_group_end()
+        Gimp.displays_flush()
+
+
+def _rect(box):
+    return Gegl.Rectangle.new(box.x, box.y, box.width, box.height)
+
+
+def _options(config, mode):
+    strength = config.get_property("strength")
+    seed = config.get_property("seed")
+    margins = gb.Margins()
+    if mode == "expand":
+        margins = gb.Margins(*(config.get_property(side) for side in ("left", "right", "top", "bottom")))
+    return gb.FillOptions(
+        # GIMP hands an unset string argument over as None.
+        prompt=config.get_property("prompt") or "",
+        negative_prompt=config.get_property("negative-prompt") or "",
+        mode=mode,
+        engine=config.get_property("engine") or None,
+        model=config.get_property("model") or None,
+        strength=None if strength < 0 else strength,
+        variations=config.get_property("variations"),
+        seed=None if seed < 0 else seed,
+        source="visible" if config.get_property("visible") else "layer",
+        expand=margins,
+    )
+
+
+def _run(procedure, run_mode, image, drawables, config, data):
+    if run_mode == Gimp.RunMode.INTERACTIVE:
+        gi.require_version("GimpUi", "3.0")
+        from gi.repository import GimpUi
+
+        GimpUi.init(procedure.get_name())
+        dialog = GimpUi.ProcedureDialog.new(procedure, config, procedure.get_menu_label().replace("_", "").rstrip("."))
+        dialog.fill(None)
+        accepted = dialog.run()
+        dialog.destroy()
+        if not accepted:
+            return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+
+    is_expand = procedure.get_name() == EXPAND
+    mode = "expand" if is_expand else (config.get_property("mode") or "fill")
+    drawable = drawables[0] if drawables else None
+    settings = gb.ServerSettings(
+        url=config.get_property("server-url") or "", token=config.get_property("server-token") or ""
+    )
+    document = GimpDocument(image, drawable)
+    try:
+        options = _options(config, mode)
+        Gimp.progress_init("Generative fill: connecting to the genfill server")
+        prepared = gb.prepare(document, options)
+        result = gb.run(prepared, settings, on_event=_show_progress)
+        name = gb.apply(document, prepared, result)
+    except gb.JobCancelled:
+        return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+    except (gb.BridgeError, ValueError, Exception) as exc:  # noqa: BLE001 - GIMP must get a message, not a crash
+        message = str(exc) if isinstance(exc, (gb.BridgeError, ValueError)) else f"Unexpected error in the genfill plug-in: {exc!r}"
+        if run_mode == Gimp.RunMode.INTERACTIVE:
+            Gimp.message(message)
+        return procedure.new_return_values(Gimp.PDBStatusType.EXECUTION_ERROR, GLib.Error(message))
+    finally:
+        Gimp.progress_end()
+    Gimp.progress_set_text(f"Generative fill: added '{name}'")
+    return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
+
+
+def _show_progress(event):
+    if event.kind == "accepted":
+        Gimp.progress_set_text(
+            "Generative fill" if event.queue_position == 0 else f"Generative fill: {event.queue_position} job(s) ahead"
+        )
+        Gimp.progress_pulse()
+    elif event.kind == "progress":
+        Gimp.progress_update(event.step / event.total)
+
+
+class GenfillPlugIn(Gimp.PlugIn):
+    def do_set_i18n(self, procname):
+        return False
+
+    def do_query_procedures(self):
+        return [FILL, EXPAND]
+
+    def do_create_procedure(self, name):
+        Gegl.init(None)
+        procedure = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, _run, None)
+        procedure.set_image_types("RGB*, GRAY*")
+        procedure.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.DRAWABLE)
+        procedure.set_attribution("genfill", "genfill", "2025")
+        procedure.add_menu_path("<Image>/Filters/Generative")
+        flags = GObject.ParamFlags.READWRITE
+        if name == FILL:
+            procedure.set_menu_label("_Fill...")
+            procedure.set_documentation(
+                "Fill the selection with a genfill server",
+                "Sends the selection and the pixels around it to a genfill server and adds each "
+                "variation it returns as a layer at the selection, in a group named after the prompt.",
+                name,
+            )
+        else:
+            procedure.set_menu_label("_Expand...")
+            procedure.set_documentation(
+                "Grow the canvas and fill the new area with a genfill server",
+                "Grows the canvas by the margins and adds each variation the server returns as a layer.",
+                name,
+            )
+        procedure.add_string_argument("prompt", "_Prompt", "What to paint; empty continues the surroundings", "", flags)
+        procedure.add_string_argument("negative-prompt", "_Negative prompt", "What not to paint", "", flags)
+        if name == FILL:
+            procedure.add_string_argument("mode", "_Mode", "fill, add or remove", "fill", flags)
+        else:
+            for side in ("left", "right", "top", "bottom"):
+                procedure.add_int_argument(side, f"{side.title()} (px)", f"Pixels to add on the {side}", 0, 16384, 0, flags)
+        procedure.add_string_argument("engine", "_Engine", "Engine name; empty: the server's default", "", flags)
+        procedure.add_string_argument("model", "Mo_del", "Model name; empty: the engine's default", "", flags)
+        procedure.add_double_argument("strength", "_Strength", "0..1; -1: the server's default", -1.0, 1.0, -1.0, flags)
+        procedure.add_int_argument("variations", "_Variations", "Layers to add", 1, 8, 3, flags)
+        procedure.add_int_argument("seed", "S_eed", "-1: random", -1, 2**31 - 1, -1, flags)
+        procedure.add_boolean_argument("visible", "Use the _visible image", "Send the visible image, not the layer", False, flags)
+        procedure.add_string_argument("server-url", "Server _address", "ws://host:port; empty: the running server's state file", "", flags)
+        procedure.add_string_argument("server-token", "Server _token", "Empty: the running server's state file", "", flags)
+        return procedure
+
+
+if __name__ == "__main__":
+    Gimp.main(GenfillPlugIn.__gtype__, sys.argv)

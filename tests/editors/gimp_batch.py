@@ -1,0 +1,60 @@
+"""Runs inside GIMP 3 (gimp-console, python-fu-eval batch) for tests/test_gimp.py.
+
+Builds an image from the raw RGBA file the job names, selects, calls a genfill procedure
+through the PDB exactly as a script would, and writes what happened to the job's ``out``.
+"""
+import json
+import os
+import traceback
+
+from gi.repository import Gegl, Gimp, Gio
+
+job = json.load(open(os.environ["GENFILL_CI_JOB"], encoding="utf-8"))
+out = {}
+try:
+    width, height = job["width"], job["height"]
+    image = Gimp.Image.new(width, height, Gimp.ImageBaseType.RGB)
+    layer = Gimp.Layer.new(image, "photo", width, height, Gimp.ImageType.RGBA_IMAGE, 100.0, Gimp.LayerMode.NORMAL)
+    image.insert_layer(layer, None, 0)
+    buffer = layer.get_buffer()
+    with open(job["image"], "rb") as file:
+        buffer.set(Gegl.Rectangle.new(0, 0, width, height), "R'G'B'A u8", file.read())
+    buffer.flush()
+    if job.get("indexed"):
+        image.convert_indexed(Gimp.ConvertDitherType.NONE, Gimp.ConvertPaletteType.GENERATE, 255, False, False, "")
+    if job.get("selection"):
+        image.select_rectangle(Gimp.ChannelOps.REPLACE, *job["selection"])
+    procedure = Gimp.get_pdb().lookup_procedure(job["procedure"])
+    out["procedure_found"] = procedure is not None
+    config = procedure.create_config()
+    config.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
+    config.set_property("image", image)
+    config.set_core_object_array("drawables", [layer])
+    for key, value in job["args"].items():
+        config.set_property(key, value)
+    result = procedure.run(config)
+    out["status"] = result.index(0).value_nick
+    if result.length() > 1:
+        error = result.index(1)
+        out["message"] = error if isinstance(error, str) else getattr(error, "message", str(error))
+    out["size"] = [image.get_width(), image.get_height()]
+    groups = []
+    for top in image.get_layers():
+        if not top.is_group():
+            continue
+        children = []
+        for index, child in enumerate(top.get_children()):
+            _, x, y = child.get_offsets()
+            w, h = child.get_width(), child.get_height()
+            path = os.path.join(job["workdir"], f"variation-{index}.rgba")
+            with open(path, "wb") as file:
+                file.write(bytes(child.get_buffer().get(Gegl.Rectangle.new(0, 0, w, h), 1.0, "R'G'B'A u8", Gegl.AbyssPolicy.NONE)))
+            children.append({"name": child.get_name(), "visible": child.get_visible(), "box": [x, y, w, h], "dump": path})
+        groups.append({"name": top.get_name(), "children": children})
+    out["groups"] = groups
+    if job.get("export"):
+        out["exported"] = bool(Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, image, Gio.File.new_for_path(job["export"]), None))
+except Exception:  # noqa: BLE001 - reported to the test
+    out["exception"] = traceback.format_exc()
+with open(job["out"], "w", encoding="utf-8") as file:
+    json.dump(out, file, indent=1)

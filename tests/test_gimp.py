@@ -1,0 +1,230 @@
+"""The GIMP 3 plug-in in real GIMP 3.0 (Debian trixie chroot) against the real genfill server.
+
+``gimp-console-3.0`` runs a batch script that calls the plug-in's PDB procedures the way a
+script would (non-interactive, same arguments as the dialog). The plug-in is installed by
+``genfill plugin install gimp`` into the run's own HOME inside the chroot. The chroot shares
+the host's network, so the server on 127.0.0.1 is reachable from it.
+
+Provision with ``tests/editors/provision.sh`` (builds the chroot once per machine).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from genfill import Client
+from genfill_server.app import ServerConfig
+from genfill_server.background import BackgroundServer
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "editors"))
+import harness  # noqa: E402
+
+CHROOT = harness.GIMP_CHROOT
+WIDTH, HEIGHT = 301, 203
+SELECTION = (0, 120, 37, 83)  # odd-sized, touching the left and bottom edges
+
+
+@pytest.fixture(scope="module", autouse=True)
+def gimp_installed():
+    harness.require(f"GIMP 3 (chroot at {CHROOT})", (CHROOT / "usr/bin/gimp-console-3.0").exists())
+    if not os.path.ismount(CHROOT / "proc"):
+        subprocess.run(["mount", "-t", "proc", "proc", str(CHROOT / "proc")], check=True)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with BackgroundServer(ServerConfig(write_state_file=False)) as background:
+        yield background
+
+
+class ChrootDir:
+    """A folder inside the chroot: ``host`` is its path here, ``inside`` the path GIMP sees."""
+
+    def __init__(self) -> None:
+        self.inside = Path("/tmp") / f"genfill-test-{uuid.uuid4().hex[:12]}"
+        self.host = CHROOT / self.inside.relative_to("/")
+        self.host.mkdir(parents=True)
+
+    def to_inside(self, path: Path) -> str:
+        return str(Path("/") / path.relative_to(CHROOT))
+
+
+@pytest.fixture(scope="module")
+def template_home():
+    """A HOME where GIMP has started once with the plug-in installed (and registered it)."""
+    folder = ChrootDir()
+    home = folder.host / "home"
+    _install(home)
+    _gimp(folder, home, "print('warm')", timeout_s=180)
+    assert (home / ".config/GIMP/3.0/pluginrc").exists(), "GIMP did not start"
+    yield folder, home
+    shutil.rmtree(folder.host, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir(template_home):
+    folder = ChrootDir()
+    shutil.copytree(template_home[1], folder.host / "home", symlinks=True)
+    yield folder
+    shutil.rmtree(folder.host, ignore_errors=True)
+
+
+def _install(home: Path) -> None:
+    env = {**os.environ, "HOME": str(home), "XDG_CONFIG_HOME": str(home / ".config")}
+    subprocess.run([sys.executable, "-m", "genfill_server", "plugin", "install", "gimp"], env=env, check=True,
+                   capture_output=True, text=True)
+    script = home / ".config/GIMP/3.0/plug-ins/genfill/genfill.py"
+    assert os.access(script, os.X_OK)
+
+
+def _gimp(folder: ChrootDir, home: Path, code: str, *, timeout_s: int = 180, **env: str):
+    inside_home = folder.to_inside(home)
+    environment = {"HOME": inside_home, "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8",
+                   "XDG_CONFIG_HOME": f"{inside_home}/.config", "XDG_CACHE_HOME": f"{inside_home}/.cache",
+                   "XDG_DATA_HOME": f"{inside_home}/.local/share", "XDG_RUNTIME_DIR": f"{inside_home}/.runtime",
+                   "GEGL_SWAP": f"{inside_home}/swap", **env}
+    (home / ".runtime").mkdir(mode=0o700, exist_ok=True)
+    command = ["chroot", str(CHROOT), "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in environment.items()),
+               "gimp-console-3.0", "-i", "--batch-interpreter=python-fu-eval", "-b", code, "--quit"]
+    return harness.run(command, env={"PATH": os.environ["PATH"]}, timeout_s=timeout_s)
+
+
+def _photo() -> np.ndarray:
+    rng = np.random.default_rng(5)
+    y, x = np.mgrid[0:HEIGHT, 0:WIDTH]
+    rgb = np.stack([(x * 2 + y) % 256, y * 255 // (HEIGHT - 1), 255 - x * 255 // (WIDTH - 1)], axis=2)
+    rgb = np.clip(rgb + rng.integers(0, 20, rgb.shape), 0, 255).astype(np.uint8)
+    return np.dstack([rgb, np.full((HEIGHT, WIDTH), 255, np.uint8)])
+
+
+def _mask(selection=SELECTION) -> np.ndarray:
+    mask = np.zeros((HEIGHT, WIDTH), np.uint8)
+    x, y, w, h = selection
+    mask[y : y + h, x : x + w] = 255
+    return mask
+
+
+def _batch(workdir: ChrootDir, procedure: str, args: dict, *, image: np.ndarray | None = None, on_start=None, **job) -> dict:
+    image = _photo() if image is None else image
+    image.tofile(workdir.host / "in.rgba")
+    job = {"width": image.shape[1], "height": image.shape[0], "image": str(workdir.inside / "in.rgba"),
+           "selection": list(SELECTION), "procedure": procedure, "args": args, "workdir": str(workdir.inside),
+           "out": str(workdir.inside / "out.json"), "export": str(workdir.inside / "export.png"), **job}
+    (workdir.host / "job.json").write_text(json.dumps(job))
+    shutil.copy(harness.ROOT / "tests/editors/gimp_batch.py", workdir.host / "batch.py")
+    code = f"exec(open('{workdir.inside / 'batch.py'}').read())"
+    if on_start is not None:
+        threading.Thread(target=on_start, daemon=True).start()
+    result = _gimp(workdir, workdir.host / "home", code, GENFILL_CI_JOB=str(workdir.inside / "job.json"))
+    out_path = workdir.host / "out.json"
+    assert out_path.exists(), f"GIMP wrote no result (rc {result.returncode}):\n{result.stderr[-4000:]}"
+    out = json.loads(out_path.read_text())
+    assert "exception" not in out, out["exception"]
+    out["_stderr"] = result.stderr[-3000:]
+    out["_host"] = lambda inside: CHROOT / Path(inside).relative_to("/")
+    return out
+
+
+def test_fill_from_the_pdb_adds_layers_at_the_selection(server, workdir):
+    args = {"prompt": "moss", "variations": 2, "seed": 21, "server-url": server.url, "server-token": server.token}
+    out = _batch(workdir, "python-fu-genfill-fill", args)
+    assert out["procedure_found"]
+    assert out["status"] == "success", out.get("message")
+    [group] = out["groups"]
+    assert group["name"] == "moss"
+    assert [child["visible"] for child in group["children"]] == [True, False]
+
+    canvas, mask = _photo(), _mask()
+    with Client(server.url, token=server.token) as client:
+        expected = client.fill(canvas, mask, "moss", variations=2, seed=21)
+    for child, array in zip(group["children"], expected.arrays):
+        assert child["box"] == list(SELECTION) == list(expected.box)
+        x, y, w, h = child["box"]
+        layer = np.fromfile(out["_host"](child["dump"]), np.uint8).reshape(h, w, 4)
+        assert np.array_equal(layer, array), "the layer differs from what the server returned"
+
+    exported = np.asarray(Image.open(out["_host"](str(workdir.inside / "export.png"))).convert("RGBA"))
+    assert exported.shape == canvas.shape
+    assert np.array_equal(exported[mask == 0], canvas[mask == 0]), "pixels outside the selection changed"
+    assert not np.array_equal(exported[mask > 0], canvas[mask > 0]), "the selection was not filled"
+
+
+def test_expand_from_the_pdb_grows_the_canvas(server, workdir):
+    args = {"left": 0, "right": 9, "top": 4, "bottom": 0, "variations": 1, "seed": 3,
+            "server-url": server.url, "server-token": server.token}
+    out = _batch(workdir, "python-fu-genfill-expand", args, selection=None)
+    assert out["status"] == "success", out.get("message") or out["_stderr"]
+    assert out["size"] == [WIDTH + 9, HEIGHT + 4]
+    exported = np.asarray(Image.open(out["_host"](str(workdir.inside / "export.png"))).convert("RGBA"))
+    assert np.array_equal(exported[4:, :WIDTH], _photo()), "the original pixels moved or changed"
+    assert exported[:4, :, 3].all() and exported[:, WIDTH:, 3].all(), "the new area was not filled"
+
+
+def test_stopped_server_is_said_plainly(workdir):
+    with BackgroundServer(ServerConfig(write_state_file=False)) as stopped:
+        url, token = stopped.url, stopped.token
+    started = time.monotonic()
+    out = _batch(workdir, "python-fu-genfill-fill", {"server-url": url, "server-token": token}, export=None)
+    assert time.monotonic() - started < 60
+    assert out["status"] == "execution-error"
+    assert "not running" in out["message"] and "genfill serve" in out["message"]
+    assert out["groups"] == []
+
+
+def test_no_selection_is_said_plainly(server, workdir):
+    out = _batch(workdir, "python-fu-genfill-fill", {"server-url": server.url, "server-token": server.token},
+                 selection=None, export=None)
+    assert out["status"] == "execution-error" and "Nothing is selected" in out["message"]
+
+
+def test_indexed_images_are_refused_with_what_to_do(server, workdir):
+    out = _batch(workdir, "python-fu-genfill-fill", {"server-url": server.url, "server-token": server.token},
+                 indexed=True, export=None)
+    assert out["status"] in ("execution-error", "calling-error")
+    assert "indexed" in (out.get("message") or "").lower(), out.get("message")
+    assert out["groups"] == []
+
+
+def test_cancel_ends_the_job_on_the_server(server, workdir):
+    """GIMP's progress Cancel ends a plug-in's process; the server must then drop its job."""
+    big = np.dstack([np.random.default_rng(1).integers(0, 255, (700, 900, 3), np.uint8), np.full((700, 900), 255, np.uint8)])
+    args = {"variations": 8, "seed": 4, "server-url": server.url, "server-token": server.token}
+    marker = str(workdir.inside / "home")
+    killed = []
+
+    def kill_plugin_when_running() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            for pid in (p for p in os.listdir("/proc") if p.isdigit()):
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                except OSError:
+                    continue
+                if any(part.endswith(b"genfill/genfill.py") for part in cmdline) and any(marker.encode() in part for part in cmdline):
+                    time.sleep(2.0)  # upload done, the job is running on the server
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(time.monotonic())
+                    return
+            time.sleep(0.05)
+
+    out = _batch(workdir, "python-fu-genfill-fill", args, image=big, selection=[50, 50, 800, 600],
+                 on_start=kill_plugin_when_running, export=None)
+    assert killed, "the plug-in process never appeared"
+    assert out["status"] != "success" and out["groups"] == []
+    # The server's one worker is free again: a small job runs at once.
+    with Client(server.url, token=server.token) as client:
+        started = time.monotonic()
+        client.fill(_photo(), _mask(), variations=1)
+        assert time.monotonic() - started < 5
