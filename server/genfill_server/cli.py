@@ -70,7 +70,6 @@ def _parser() -> argparse.ArgumentParser:
     pull.add_argument("--tokenizer", action="store_true", help="only the tokenizer files (for single-file checkpoints)")
     commands.add_parser("schema", help="print the protocol's JSON schema")
     _add_plugin_parser(commands)
-    _add_plugin_parser(commands)
     return parser
 
 
@@ -84,8 +83,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.models_command == "pull":
             return _pull(args)
         return _models(args)
-    if args.command == "plugin":
-        return _plugin(args)
     if args.command == "plugin":
         return _plugin(args)
     if args.command == "schema":
@@ -236,38 +233,6 @@ def _pull(args: argparse.Namespace) -> int:
         print(f"genfill: {exc}", file=sys.stderr)
         return 1
     print(f"{args.name} is in {path}")
-    return 0
-
-
-def _add_plugin_parser(commands) -> None:
-    plugin = commands.add_parser("plugin", help="install the Krita or GIMP 3 plug-in")
-    plugin_commands = plugin.add_subparsers(dest="plugin_command", required=True)
-    install = plugin_commands.add_parser("install", help="copy a plug-in into the editor's per-user plug-in folder")
-    install.add_argument("editor", choices=["krita", "gimp"])
-    install.add_argument("--dest", type=Path, default=None, help="install into this folder instead (tests, packaging)")
-    install.add_argument("--no-enable", action="store_true", help="Krita: do not switch the plug-in on in kritarc")
-    zip_command = plugin_commands.add_parser("zip", help="build the Krita plug-in zip for Krita's 'Import Python Plugin from File'")
-    zip_command.add_argument("-o", "--output", type=Path, default=Path("genfill_krita.zip"))
-
-
-def _plugin(args: argparse.Namespace) -> int:
-    from genfill_bridge import install
-
-    try:
-        if args.plugin_command == "zip":
-            print(f"wrote {install.build_krita_zip(args.output)}")
-            return 0
-        installed = install.install(args.editor, args.dest, enable=not args.no_enable)
-    except (OSError, ValueError) as exc:
-        print(f"genfill: {exc}", file=sys.stderr)
-        return 1
-    print(f"installed the {args.editor} plug-in in {installed.folder}")
-    if installed.enabled_in is not None:
-        print(f"switched it on in {installed.enabled_in}; restart Krita, then Settings > Dockers > Generative Fill")
-    elif args.editor == "krita":
-        print("switch it on in Krita: Settings > Configure Krita > Python Plugin Manager, then restart Krita")
-    else:
-        print("restart GIMP, then Filters > Generative > Fill")
     return 0
 
 
