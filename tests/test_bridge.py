@@ -8,6 +8,7 @@ cannot drift: every frame the bridge sends and receives in these tests is valida
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -386,3 +387,48 @@ def test_vendored_websockets_is_the_one_used():
 
     assert client.connect.__module__ == "genfill_bridge._vendor.websockets.sync.client"
     assert (ROOT / "plugin_bridge/genfill_bridge/_vendor/websockets/LICENSE").is_file()
+
+
+# The installer: per-user folders and kritarc
+
+
+@pytest.mark.parametrize(
+    ("platform", "env", "krita", "gimp"),
+    [
+        ("linux", {}, "/h/.local/share/krita/pykrita", "/h/.config/GIMP/3.0/plug-ins"),
+        ("linux", {"XDG_DATA_HOME": "/d", "XDG_CONFIG_HOME": "/c"}, "/d/krita/pykrita", "/c/GIMP/3.0/plug-ins"),
+        ("darwin", {}, "/h/Library/Application Support/krita/pykrita", "/h/Library/Application Support/GIMP/3.0/plug-ins"),
+        ("win32", {"APPDATA": "/a"}, "/a/krita/pykrita", "/a/GIMP/3.0/plug-ins"),
+    ],
+)
+def test_plugin_folders(platform, env, krita, gimp):
+    from genfill_bridge import install
+
+    assert install.plugin_folder("krita", platform=platform, env=env, home=Path("/h")) == Path(krita)
+    assert install.plugin_folder("gimp", platform=platform, env=env, home=Path("/h")) == Path(gimp)
+
+
+def test_enable_in_kritarc_keeps_the_rest(tmp_path):
+    from genfill_bridge.install import enable_in_kritarc
+
+    kritarc = tmp_path / "kritarc"
+    kritarc.write_text("[General]\nx=1\n\n[python]\nenable_other=true\nenable_genfill_krita=false\n\n[Z]\ny=2\n")
+    enable_in_kritarc(kritarc)
+    enable_in_kritarc(kritarc)
+    text = kritarc.read_text()
+    assert text.count("enable_genfill_krita=true") == 1 and "enable_genfill_krita=false" not in text
+    assert "[General]\nx=1" in text and "enable_other=true" in text and "[Z]\ny=2" in text
+
+
+def test_install_copies_a_self_contained_plugin(tmp_path):
+    from genfill_bridge import install
+
+    gimp = install.install("gimp", tmp_path / "gimp")
+    script = tmp_path / "gimp/genfill/genfill.py"
+    assert gimp.files == [script] and os.access(script, os.X_OK)
+    krita = install.install("krita", tmp_path / "krita")
+    assert krita.enabled_in is None
+    for folder in (tmp_path / "gimp/genfill", tmp_path / "krita/genfill_krita"):
+        assert (folder / "genfill_bridge/_vendor/websockets/sync/client.py").is_file()
+        assert not (folder / "genfill_bridge/install.py").exists()
+        assert not list(folder.rglob("__pycache__"))

@@ -230,7 +230,10 @@ def test_full_krita_menu_action_fills_and_undo_removes(server, tmp_path, templat
     out_path = tmp_path / "out.json"
     partial = Path(str(out_path) + ".partial")
     progress = partial.read_text() if partial.exists() else "(it never started)"
-    assert out_path.exists(), f"krita did not finish the scenario (rc {result.returncode}); it got to {progress}"
+    assert out_path.exists(), (
+        f"krita did not finish the scenario (rc {result.returncode}); it got to {progress}\n"
+        f"stderr:\n{result.stderr[-3000:]}"
+    )
     out = json.loads(out_path.read_text())
     assert "exception" not in out, out["exception"]
     assert "slot_exceptions" not in out, out["slot_exceptions"][0]
