@@ -432,3 +432,9 @@ def test_install_copies_a_self_contained_plugin(tmp_path):
         assert (folder / "genfill_bridge/_vendor/websockets/sync/client.py").is_file()
         assert not (folder / "genfill_bridge/install.py").exists()
         assert not list(folder.rglob("__pycache__"))
+
+
+def test_catalogue_lists_the_servers_engines(server):
+    catalogue = gb.fetch_catalogue(_settings(server))
+    assert catalogue["default_engine"] in [engine["name"] for engine in catalogue["engines"]]
+    assert p.Limits(**catalogue["limits"]).max_variations >= 1
