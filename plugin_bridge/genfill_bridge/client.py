@@ -201,6 +201,8 @@ class ServerConnection:
             elif kind == "error":
                 if message["code"] == "unknown_job" and cancel_sent:
                     continue  # the cancel crossed the job's end; its result or error follows
+                if message["code"] == "shutting_down":
+                    raise ConnectionLost(f"The genfill server at {self.url} was stopped during the job. Start it again and retry.")
                 raise JobFailed(f"The genfill server could not fill: {message['message']}", code=message["code"])
 
     def _wait_for(self, kind: str, cancel: threading.Event) -> dict:
