@@ -18,6 +18,7 @@ from genfill import (
     Box,
     Client,
     ConnectError,
+    ConnectionClosed,
     EngineUnavailable,
     JobCancelled,
     LimitExceeded,
@@ -349,3 +350,20 @@ def test_unreadable_upload_is_refused(server):
     received = asyncio.run(_raw_session(server, frame))
     assert received[-1].type == "error" and received[-1].code == ErrorCode.IMAGE_INVALID
 
+
+
+def test_stopping_the_server_tells_each_unfinished_job(client_factory):
+    running = BackgroundServer(ServerConfig(write_state_file=False))
+    running.start()
+    try:
+        with client_factory(url=running.url, token=running.token) as client:
+            canvas, mask = brick_image(1024, 1024), rect_mask(1024, 1024, (100, 100, 700, 700))
+            jobs = [client.submit_fill(canvas, mask, variations=8, seed=seed) for seed in (1, 2)]
+            # Whether a job is still queued or already running, it is told why it will not finish.
+            running.stop()
+            for job in jobs:
+                with pytest.raises(ConnectionClosed) as caught:
+                    job.result(timeout_s=30)
+                assert caught.value.code == "shutting_down"
+    finally:
+        running.stop()

@@ -208,10 +208,19 @@ class GenfillServer:
         for client in list(self._clients.values()):
             for job in list(client.jobs.values()):
                 job.cancel_requested.set()
+                # Said per job, so a client knows which of its jobs will never finish.
+                client.handle.send(
+                    Error(code=ErrorCode.SHUTTING_DOWN, message=f"{reason}: the job did not finish", job_id=job.job_id)
+                    .model_dump_json()
+                )
         if self._server is not None:
             self._server.close(close_connections=False)
-            for connection in list(self._server.connections):
-                await connection.close(code=1001, reason=reason)
+            await self._drain_outboxes(timeout_s=2.0)
+            # Concurrently: a client that never answers the close handshake must not delay the others.
+            await asyncio.gather(
+                *(connection.close(code=1001, reason=reason) for connection in list(self._server.connections)),
+                return_exceptions=True,
+            )
             await self._server.wait_closed()
         for worker in self._workers:
             worker.cancel()
@@ -221,6 +230,13 @@ class GenfillServer:
         if self._state_path is not None:
             remove_state(self._state_path, self.token)
             self._state_path = None
+
+    async def _drain_outboxes(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(
+            client.handle.pending_bytes and client.handle.connected for client in self._clients.values()
+        ):
+            await asyncio.sleep(0.01)
 
     @staticmethod
     def _hosts_for(host: str, port: int) -> set[str]:
