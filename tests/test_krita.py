@@ -226,9 +226,14 @@ def test_full_krita_menu_action_fills_and_undo_removes(server, tmp_path, templat
            "export_after_undo": str(tmp_path / "undone.png"), "wait_ms": 120000, "stacks_after_s": 200}
     (tmp_path / "job.json").write_text(json.dumps(job))
     env = harness.clean_env(home, DISPLAY=xvfb, GENFILL_CI_JOB=str(tmp_path / "job.json"))
-    result = harness.run(["krita", "--nosplash"], env=env, timeout_s=int(os.environ.get("GENFILL_KRITA_TIMEOUT_S", "240")))
     out_path = tmp_path / "out.json"
     partial = Path(str(out_path) + ".partial")
+    # Krita 5.1 under Xvfb now and then exits during start-up, before any plug-in code runs
+    # (about one run in eight here). That start, and only that, is tried once more.
+    for _attempt in range(2):
+        result = harness.run(["krita", "--nosplash"], env=env, timeout_s=int(os.environ.get("GENFILL_KRITA_TIMEOUT_S", "240")))
+        if out_path.exists() or partial.exists():
+            break
     progress = partial.read_text() if partial.exists() else "(it never started)"
     assert out_path.exists(), (
         f"krita did not finish the scenario (rc {result.returncode}); it got to {progress}\n"
