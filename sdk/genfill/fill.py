@@ -623,6 +623,15 @@ _STD_RATIO_RANGE = (0.5, 2.0)
 _MIN_KNOWN_PIXELS = 16
 
 
+class ColourTransform(NamedTuple):
+    """A per-channel CIELAB transform: ``(lab - shift_from) * scale + shift_to``; each field
+    holds 3 float32 numbers, L, a and b."""
+
+    shift_from: np.ndarray
+    scale: np.ndarray
+    shift_to: np.ndarray
+
+
 def match_colour(generated: np.ndarray, original: np.ndarray, known: np.ndarray) -> np.ndarray:
     """Returns ``generated`` with its colour statistics matched to ``original`` over ``known``.
 
@@ -631,6 +640,10 @@ def match_colour(generated: np.ndarray, original: np.ndarray, known: np.ndarray)
     over the ``known`` pixels equal those of ``original`` there; the same transform then applies
     to the whole image, filled area included. The scale is clamped to ``[0.5, 2]`` so that a
     flat known area cannot blow up or flatten the fill.
+
+    The same as ``apply_colour_transform(generated, colour_transform(generated, original,
+    known))``; the two steps apart let a caller measure at one resolution and apply to
+    another, or to a part of the image only.
 
     Args:
         generated: ``(H, W, 3)`` uint8 sRGB, the engine's result for the context box.
@@ -644,6 +657,15 @@ def match_colour(generated: np.ndarray, original: np.ndarray, known: np.ndarray)
     Raises:
         ValueError: an argument has another shape or dtype, or the shapes disagree.
     """
+    transform = colour_transform(generated, original, known)
+    if transform is None:
+        return np.array(generated, copy=True)
+    return apply_colour_transform(generated, transform)
+
+
+def colour_transform(generated: np.ndarray, original: np.ndarray, known: np.ndarray) -> ColourTransform | None:
+    """The CIELAB transform :func:`match_colour` applies, measured over the ``known`` pixels;
+    ``None`` if fewer than 16 pixels are known. Arguments and errors as ``match_colour``."""
     generated = _check_image("generated", generated, 3)
     original = _check_image("original", original, 3)
     known = _check_array("known", known)
@@ -654,12 +676,10 @@ def match_colour(generated: np.ndarray, original: np.ndarray, known: np.ndarray)
             f"shapes disagree: generated {generated.shape}, original {original.shape}, known {known.shape}"
         )
     if np.count_nonzero(known) < _MIN_KNOWN_PIXELS:
-        return generated.copy()
-
+        return None
     # Colour planes, (3, N): whole-plane arithmetic beats (N, 3) matrix products here.
     known_pixels = known.reshape(-1)
-    generated_lab = _srgb_to_lab(generated.reshape(-1, 3).T)
-    generated_known = generated_lab[:, known_pixels]
+    generated_known = _srgb_to_lab(generated.reshape(-1, 3).T)[:, known_pixels]
     original_known = _srgb_to_lab(original.reshape(-1, 3)[known_pixels].T)
     generated_mean, generated_std = _mean_and_std(generated_known)
     original_mean, original_std = _mean_and_std(original_known)
@@ -667,11 +687,19 @@ def match_colour(generated: np.ndarray, original: np.ndarray, known: np.ndarray)
     flat = generated_std < 1e-6
     ratio = np.where(flat, 1.0, original_std / np.where(flat, 1.0, generated_std))
     ratio = np.clip(ratio, *_STD_RATIO_RANGE)
-    for channel, shift_from, scale, shift_to in zip(generated_lab, generated_mean, ratio, original_mean):
+    return ColourTransform(generated_mean, ratio.astype(np.float32), original_mean)
+
+
+def apply_colour_transform(image: np.ndarray, transform: ColourTransform) -> np.ndarray:
+    """Returns ``image`` (``(H, W, 3)`` uint8 sRGB) with ``transform`` applied in CIELAB, as a
+    new array of the same shape."""
+    image = _check_image("image", image, 3)
+    lab = _srgb_to_lab(image.reshape(-1, 3).T)
+    for channel, shift_from, scale, shift_to in zip(lab, *transform):
         channel -= shift_from
         channel *= scale
         channel += shift_to
-    return _lab_to_srgb(generated_lab).T.reshape(generated.shape)
+    return _lab_to_srgb(lab).T.reshape(image.shape)
 
 
 def _mean_and_std(planes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

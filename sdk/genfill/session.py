@@ -278,8 +278,11 @@ class ClientSession:
             ValueError: image and mask sizes differ, the mask is empty, or an option is invalid.
             LimitExceeded: an upload is larger than the server accepts.
         """
-        canvas = to_rgba(image)
-        selection = to_mask(mask)
+        # Arrays already in the wire's shape are read in place: a full-canvas copy of an 8192²
+        # canvas costs more than cropping and sending the part around the selection. The
+        # result composites onto ``image`` as it is when ``composite`` is called.
+        canvas = _rgba_in_place(image)
+        selection = _mask_in_place(mask)
         if selection.shape != canvas.shape[:2]:
             raise ValueError(
                 f"mask is {selection.shape[1]}x{selection.shape[0]}, image is {canvas.shape[1]}x{canvas.shape[0]}"
@@ -466,6 +469,20 @@ class ClientSession:
         failed = [(state, state.fail(error)) for state in self.jobs.values()]
         self.jobs.clear()
         return failed
+
+
+def _rgba_in_place(image: ImageInput) -> np.ndarray:
+    """``image`` itself when it is an ``(H, W, 4)`` uint8 array, else ``to_rgba(image)``."""
+    if isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 4:
+        return image
+    return to_rgba(image)
+
+
+def _mask_in_place(mask: ImageInput) -> np.ndarray:
+    """``mask`` itself when it is an ``(H, W)`` uint8 array, else ``to_mask(mask)``."""
+    if isinstance(mask, np.ndarray) and mask.dtype == np.uint8 and mask.ndim == 2:
+        return mask
+    return to_mask(mask)
 
 
 def _size_of(array: np.ndarray) -> Size:

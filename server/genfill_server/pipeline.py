@@ -75,6 +75,45 @@ def prepare_canvas(
     return image, mask
 
 
+@dataclass(frozen=True)
+class PreparedFill:
+    """A request made ready for its engine (``prepare_fill``), and what ``finish_fill``
+    needs to turn the engine's images into layers."""
+
+    job: EngineJob
+    context: Box
+    work_size: Size
+    rgb: np.ndarray  # (h, w, 3) the context crop, canvas resolution
+    local_selection: np.ndarray  # (h, w) the selection in the context crop
+    blend_px: int
+
+
+def batch_key(engine: Engine, request: FillRequest, selection: np.ndarray) -> tuple | None:
+    """The key under which ``engine`` can run this request in one batch with others
+    (``run_many``), or ``None`` where it runs alone: an engine without batching, a request
+    with control inputs, an empty selection."""
+    key_of = getattr(engine, "batch_key", None)
+    if key_of is None or not hasattr(engine, "run_many") or request.control:
+        return None
+    try:
+        context = fill.context_box(selection, native_size=engine.native_size)
+    except fill.EmptyMaskError:
+        return None
+    work_size = context.size
+    if engine.native_size is not None:
+        work_size = fill.target_size(context.size, engine.native_size)
+    options = {
+        "mode": request.mode.value if isinstance(request.mode, Mode) else request.mode,
+        "steps": request.steps,
+        "guidance": request.guidance,
+        "scheduler": request.scheduler,
+        "strength": request.strength,
+        "control": request.control,
+    }
+    key = key_of((work_size.height, work_size.width), options)
+    return None if key is None else (work_size, key)
+
+
 def run_fill(
     engine: Engine,
     request: FillRequest,
@@ -93,6 +132,19 @@ def run_fill(
         control_images: one per ``request.control`` entry: a decoded control image the size of
             ``canvas`` (RGBA or gray uint8), or ``None`` where the engine derives one.
     """
+    prepared = prepare_fill(engine, request, canvas, selection, seeds, control_images)
+    return finish_fill(engine, prepared, engine.run(prepared.job, on_step))
+
+
+def prepare_fill(
+    engine: Engine,
+    request: FillRequest,
+    canvas: np.ndarray,
+    selection: np.ndarray,
+    seeds: list[int],
+    control_images: list[np.ndarray | None] | None = None,
+) -> PreparedFill:
+    """The first half of ``run_fill``: crops, scales and masks; arguments as there."""
     try:
         context = fill.context_box(selection, native_size=engine.native_size)
     except fill.EmptyMaskError:
@@ -124,24 +176,37 @@ def run_fill(
         seeds=list(seeds),
         options=options,
     )
-    generated = engine.run(job, on_step)
-    if len(generated) != len(seeds):
-        raise RuntimeError(f"engine {engine.name} returned {len(generated)} images for {len(seeds)} seeds")
+    return PreparedFill(job, context, work_size, rgb, local_selection, blend_px)
 
-    alpha = fill.compositing_mask(local_selection, blend_px=blend_px)
+
+def finish_fill(engine: Engine, prepared: PreparedFill, generated: list[np.ndarray]) -> PipelineResult:
+    """The second half of ``run_fill``: colour match and layers from the engine's images.
+
+    The colour transform is measured at the engine's working resolution, where the images
+    are, and applied, at canvas resolution, to the part that becomes the layer only: the
+    context around it can be many times larger.
+    """
+    context, work_size = prepared.context, prepared.work_size
+    if len(generated) != len(prepared.job.seeds):
+        raise RuntimeError(f"engine {engine.name} returned {len(generated)} images for {len(prepared.job.seeds)} seeds")
+    alpha = fill.compositing_mask(prepared.local_selection, blend_px=prepared.blend_px)
     try:
         changed = fill.mask_box(alpha)
     except fill.EmptyMaskError:
         raise RequestError(ErrorCode.EMPTY_SELECTION, "the selection is too faint to change any pixel") from None
-    known = local_selection == 0
+    work_known = prepared.job.selection == 0
+    layer_alpha = fill.crop(alpha, changed)
     layers = []
     for image in generated:
         if image.shape[:2] != (work_size.height, work_size.width):
             raise RuntimeError(f"engine {engine.name} returned {image.shape} for {work_size}")
-        image = fill.resize(np.ascontiguousarray(image[:, :, :3]), context.size)
+        image = np.ascontiguousarray(image[:, :, :3])
+        transform = None
         if getattr(engine, "needs_colour_match", True):
-            image = fill.match_colour(image, rgb, known)
-        layer = fill.make_layer(fill.crop(image, changed), fill.crop(alpha, changed))
-        layers.append(layer)
+            transform = fill.colour_transform(image, prepared.job.image, work_known)
+        image = fill.crop(fill.resize(image, context.size), changed)
+        if transform is not None:
+            image = fill.apply_colour_transform(np.ascontiguousarray(image), transform)
+        layers.append(fill.make_layer(image, layer_alpha))
     box = Box(context.x + changed.x, context.y + changed.y, changed.width, changed.height)
     return PipelineResult(box=box, layers=layers)
