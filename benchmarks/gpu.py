@@ -442,27 +442,38 @@ def _record_engine_runs(engines, path: Path, device: str) -> None:
         if unet is not None:
             unet.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
 
-        def timed_run(job, on_step):
+        def timed(call, jobs, *args):
             calls[0] = 0
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
+            wall_start = time.time()
             started = time.perf_counter()
-            images = run(job, on_step)
+            outcome = call(jobs, *args)
             if cuda:
                 torch.cuda.synchronize()
+            many = isinstance(jobs, (list, tuple))
+            images = sum(len(o) for o in outcome if isinstance(o, list)) if many else len(outcome)
             record = {
                 "engine": name,
                 "engine_s": time.perf_counter() - started,
+                "started_at": wall_start,
                 "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
                 "unet_calls": calls[0],
-                "work_px": list(np.shape(job.image)[:2]),
-                "images": len(images),
+                "work_px": list(np.shape((jobs[0] if many else jobs).image)[:2]),
+                "images": images,
+                "jobs": len(jobs) if many else 1,
             }
             with lock, open(path, "a", encoding="utf-8") as file:
                 file.write(json.dumps(record) + "\n")
-            return images
+            return outcome
 
+        def timed_run(job, on_step):
+            return timed(run, job, on_step)
+
+        if hasattr(engine, "run_many"):
+            run_many = engine.run_many
+            engine.run_many = lambda jobs, on_steps: timed(run_many, list(jobs), on_steps)
         engine.run = timed_run
         engine._benchmark_wrapped = True
         return engine
@@ -860,7 +871,7 @@ class Bench:
                 base_runs.append(self.baseline.run(canvas, mask, steps=s.sd15_steps, guidance=7.5, seed=seed))
         plain_rate = count / plain.seconds
 
-        async def clients() -> tuple[float, list[float]]:
+        async def clients(timed_from: list[float]) -> tuple[float, list[float]]:
             from genfill import AsyncClient
 
             connected = [AsyncClient(server.url, token=server.token, open_timeout_s=60) for _ in range(count)]
@@ -884,6 +895,7 @@ class Bench:
                         )
                         latencies.append(time.perf_counter() - started)
 
+                timed_from[0] = time.time()
                 started = time.perf_counter()
                 await asyncio.gather(*(one_client(i, c) for i, c in enumerate(connected)))
                 return time.perf_counter() - started, latencies
@@ -892,8 +904,10 @@ class Bench:
                     await client.aclose()
 
         before = len(server.records())
-        wall, latencies = asyncio.run(clients())
-        runs = server.records()[before + count :]
+        timed_from = [0.0]
+        wall, latencies = asyncio.run(clients(timed_from))
+        # Engine runs of the timed part only (the warm-up round may have run in batches).
+        runs = [r for r in server.records()[before:] if r["started_at"] >= timed_from[0]]
         images = count * s.jobs_per_client
         rate = images / wall
         busy = sum(r["engine_s"] for r in runs)
@@ -912,6 +926,7 @@ class Bench:
             "peak_gb_plain": _gb(max((r["peak_bytes"] or 0) for r in base_runs)) if self.cuda else None,
             "peak_gb_genfill": _gb(max((r["peak_bytes"] or 0) for r in runs)) if self.cuda and runs else None,
             "largest_engine_batch": max((r["images"] for r in runs), default=0),
+            "engine_batches": [r.get("jobs", 1) for r in runs],
         }
 
     # Canvas size

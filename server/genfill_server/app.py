@@ -61,7 +61,7 @@ from .engines.base import JobCancelledError
 from .errors import RequestError
 from .images import ImageStore, decode_upload
 from .jobs import ClientHandle, FairQueue, Job
-from .pipeline import prepare_canvas, run_fill
+from .pipeline import batch_key, finish_fill, prepare_canvas, prepare_fill, run_fill
 
 logger = logging.getLogger("genfill.server")
 
@@ -86,6 +86,13 @@ class ServerConfig:
     max_outbox_bytes: int | None = 128 * 2**20
     """Bytes of answers that may wait for one client before it is cut off (see
     ``ClientHandle``); one result is always delivered whole. ``None`` disables the limit."""
+    batching: bool = True
+    """Run queued jobs that an engine can batch (same model, size, steps, scheduler, guidance,
+    strength) in one engine batch (``run_many``)."""
+    batch_wait_s: float = 0.05
+    """How long a worker waits for more jobs to batch with the one it took, and only while
+    some connected client has no job queued or running (one about to submit would otherwise
+    miss the batch and wait for the whole of it)."""
 
 
 class _RedactingLogger(logging.LoggerAdapter):
@@ -476,8 +483,104 @@ class GenfillServer:
                 self._finish(job, [Cancelled(job_id=job.job_id).model_dump_json()])
                 continue
             job.state = "running"
-            frames = await self._run(job, device)
-            self._finish(job, frames)
+            batch = await self._batch_mates(job, device) if self.config.batching else [job]
+            if len(batch) == 1:
+                frames = await self._run(job, device)
+                self._finish(job, frames)
+            else:
+                await self._run_batch(batch, device)
+
+    def _batch_key(self, job: Job, engine) -> tuple | None:
+        if job.batch_key_engine is not engine:
+            job.batch_key = batch_key(engine, job.request, job.selection)
+            job.batch_key_engine = engine
+        return job.batch_key
+
+    async def _batch_mates(self, job: Job, device: str) -> list[Job]:
+        """``job`` and the queued jobs that can share its engine batch, taken from the queue
+        in its fair order; waits up to ``batch_wait_s`` for clients that may submit soon."""
+        request = job.request
+        engine = self.engines.loaded(job.engine_name, device, request.model)
+        if engine is None or not hasattr(engine, "run_many"):
+            return [job]
+        key = self._batch_key(job, engine)
+        if key is None:
+            return [job]
+        room = [int(getattr(engine, "max_batch_images", 8)) - len(job.seeds)]
+
+        def matches(other: Job) -> bool:
+            if other.cancel_requested.is_set() or len(other.seeds) > room[0]:
+                return False
+            if other.engine_name != job.engine_name or other.request.model != request.model:
+                return False
+            if self._batch_key(other, engine) != key:
+                return False
+            room[0] -= len(other.seeds)
+            return True
+
+        batch = [job]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.batch_wait_s
+        while True:
+            batch += self.queue.take(matches, limit=room[0])
+            if room[0] <= 0 or loop.time() >= deadline or not any(
+                client.handle.connected and not client.jobs for client in self._clients.values()
+            ):
+                break
+            await asyncio.sleep(0.002)
+        for other in batch[1:]:
+            other.state = "running"
+        return batch
+
+    async def _run_batch(self, jobs: list[Job], device: str) -> None:
+        """Runs jobs of one batch key in one engine batch; each gets its own answer."""
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        try:
+            engine = self.engines.get(jobs[0].engine_name, device, jobs[0].request.model)
+        except Exception as exc:  # noqa: BLE001 - as in _run
+            for job in jobs:
+                self._finish(job, [self._engine_failure(job, exc)])
+            return
+
+        def prepare(job: Job):
+            return prepare_fill(engine, job.request, job.canvas, job.selection, job.seeds, job.control_images)
+
+        prepared = await asyncio.gather(*(asyncio.to_thread(prepare, job) for job in jobs), return_exceptions=True)
+        ready: list[tuple[Job, object]] = []
+        for job, item in zip(jobs, prepared):
+            if isinstance(item, BaseException):
+                self._finish(job, self._failure_frames(job, item))
+            else:
+                ready.append((job, item))
+        if not ready:
+            return
+        on_steps = [self._step_callback(job, loop, answer_cancel=True) for job, _ in ready]
+        try:
+            outcomes = await asyncio.to_thread(engine.run_many, [item.job for _, item in ready], on_steps)
+        except Exception as exc:  # noqa: BLE001 - every engine failure must reach the client as a code
+            outcomes = [exc] * len(ready)
+
+        async def answer(job: Job, item, outcome) -> list[str | bytes]:
+            if isinstance(outcome, BaseException):
+                return self._failure_frames(job, outcome)
+            try:
+                result = await asyncio.to_thread(finish_fill, engine, item, outcome)
+                return await self._result_frames(job, result, started)
+            except Exception as exc:  # noqa: BLE001
+                return self._failure_frames(job, exc)
+
+        answers = await asyncio.gather(*(answer(job, item, outcome) for (job, item), outcome in zip(ready, outcomes)))
+        for (job, _), frames in zip(ready, answers):
+            if job.state != "finished":  # a cancelled job was answered at once
+                self._finish(job, frames)
+
+    def _failure_frames(self, job: Job, exc: BaseException) -> list[str | bytes]:
+        if isinstance(exc, JobCancelledError):
+            return [Cancelled(job_id=job.job_id).model_dump_json()]
+        if isinstance(exc, RequestError):
+            return [Error(code=exc.code, message=exc.message, job_id=job.job_id).model_dump_json()]
+        return [self._engine_failure(job, exc)]
 
     def _finish(self, job: Job, frames: list[str | bytes]) -> None:
         job.state = "finished"
@@ -491,13 +594,16 @@ class GenfillServer:
             while len(client.finished) > _FINISHED_JOBS_KEPT:
                 client.finished.popitem(last=False)
 
-    async def _run(self, job: Job, device: str) -> list[str | bytes]:
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
+    def _step_callback(self, job: Job, loop: asyncio.AbstractEventLoop, *, answer_cancel: bool = False):
+        """The engine's ``on_step`` for ``job``: progress and previews to its client, and
+        ``JobCancelledError`` once it is cancelled. With ``answer_cancel`` (a job in a batch,
+        whose batch goes on) the client is answered ``cancelled`` at once."""
         last_preview = [0.0]
 
         def on_step(step: int, total: int, preview: np.ndarray | None) -> None:
             if job.cancel_requested.is_set():
+                if answer_cancel:
+                    loop.call_soon_threadsafe(self._finish, job, [Cancelled(job_id=job.job_id).model_dump_json()])
                 raise JobCancelledError(job.job_id)
             frames: list[str | bytes] = []
             preview_id = None
@@ -511,21 +617,30 @@ class GenfillServer:
             frames.append(Progress(job_id=job.job_id, step=step, total=max(total, 1), preview=preview_id).model_dump_json())
             loop.call_soon_threadsafe(job.client.send_progress, frames)
 
+        return on_step
+
+    async def _run(self, job: Job, device: str) -> list[str | bytes]:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        on_step = self._step_callback(job, loop)
         try:
             engine = self.engines.get(job.engine_name, device, job.request.model)
             result = await asyncio.to_thread(
                 run_fill, engine, job.request, job.canvas, job.selection, job.seeds, on_step, job.control_images
             )
-            fmt = ImageFormat(job.submit.result_format)
-            frames: list[str | bytes] = await asyncio.to_thread(
-                lambda: [frame_from_array(layer, fmt) for layer in result.layers]
-            )
+            return await self._result_frames(job, result, started)
         except JobCancelledError:
             return [Cancelled(job_id=job.job_id).model_dump_json()]
         except RequestError as exc:
             return [Error(code=exc.code, message=exc.message, job_id=job.job_id).model_dump_json()]
         except Exception as exc:  # noqa: BLE001 - every engine failure must reach the client as a code
             return [self._engine_failure(job, exc)]
+
+    async def _result_frames(self, job: Job, result, started: float) -> list[str | bytes]:
+        fmt = ImageFormat(job.submit.result_format)
+        frames: list[str | bytes] = await asyncio.to_thread(
+            lambda: [frame_from_array(layer, fmt) for layer in result.layers]
+        )
         region = job.request.region
         box = result.box
         if region is not None:

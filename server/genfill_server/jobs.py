@@ -119,6 +119,10 @@ class Job:
     or ``None`` where the engine derives one with the entry's preprocessor."""
     state: Literal["queued", "running", "finished"] = "queued"
     cancel_requested: threading.Event = field(default_factory=threading.Event)
+    batch_key: tuple | None = None
+    """What the job must share with others to run in one engine batch; ``None`` for alone.
+    Set by the worker, per engine (``batch_key_engine``)."""
+    batch_key_engine: object = None
 
     @property
     def request(self) -> FillRequest:
@@ -155,6 +159,28 @@ class FairQueue:
         if jobs:
             self._by_client[client_id] = jobs
         return job
+
+    def take(self, matches: Callable[[Job], bool], limit: int) -> list[Job]:
+        """Takes up to ``limit`` more jobs for which ``matches`` is true, in the order ``get``
+        would serve them: clients in rotation, one job per client per round, and only a
+        client's first queued job (a client's own jobs keep their order). Each client served
+        goes to the back of the rotation, as with ``get``."""
+        taken: list[Job] = []
+        progress = True
+        while progress and len(taken) < limit:
+            progress = False
+            for client_id in list(self._by_client):
+                jobs = self._by_client[client_id]
+                if not matches(jobs[0]):
+                    continue
+                taken.append(jobs.popleft())
+                del self._by_client[client_id]
+                if jobs:
+                    self._by_client[client_id] = jobs
+                progress = True
+                if len(taken) >= limit:
+                    break
+        return taken
 
     def remove(self, job: Job) -> bool:
         jobs = self._by_client.get(job.client.client_id)

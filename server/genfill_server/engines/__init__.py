@@ -107,6 +107,11 @@ class EngineSet:
                 self._instances[key] = engine
             return engine
 
+    def loaded(self, name: str, device: str, model: str | None = None) -> Engine | None:
+        """The engine for ``name`` on ``device`` if it is loaded already, else ``None``; never loads."""
+        with self._lock:
+            return self._instances.get((name, device, model))
+
     def _close_instances(self, which: Callable[[tuple[str, str, str | None]], bool]) -> None:
         for key in [key for key in self._instances if which(key)]:
             engine = self._instances.pop(key)

@@ -21,6 +21,18 @@ the loop itself:
 - **Progress and cancel**: ``on_step`` is called after every denoising step, with a preview
   every few steps from the latent-to-RGB projection; when it raises ``JobCancelledError`` the
   loop stops at once (no further UNet call) and the tensors are freed.
+- **Speed on CUDA**: the UNet step (with the guidance combine) is captured as a CUDA graph per
+  input shape (``graphs.GraphedStep``) and replayed, since an eager step is bound by Python's
+  kernel launch rate; the CPU runs the same step function eagerly. The loop makes no host
+  synchronisation except for previews. Prompt embeddings are cached per prompt.
+- **Several jobs in one batch**: ``run_many`` denoises jobs that share size, steps,
+  scheduler, strength and guidance together (prompts, seeds, masks and images differ per
+  row); each job's images equal a run of that job alone to float rounding of batched kernels.
+  A job whose ``on_step`` raises ``JobCancelledError`` gets no more callbacks and its rows are
+  discarded; the batch stops once every job in it is cancelled.
+- **VAE precision**: a VAE that asks for fp32 (SDXL's ``force_upcast``) runs in fp16 while its
+  results are finite, which halves its memory and time; at the first overflow it is upcast to
+  fp32 for good and the call is redone.
 """
 
 from __future__ import annotations
@@ -28,15 +40,18 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from collections.abc import Callable
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from genfill.protocol import ErrorCode
 
-from .base import EngineError, EngineJob, StepCallback
+from .base import EngineError, EngineJob, JobCancelledError, StepCallback
+from .graphs import GraphedStep, graphs_enabled
 from .latent_preview import preview_due, preview_rgb
 from .prefill import prefill
 
@@ -97,6 +112,10 @@ DEFAULTS = {
 }
 
 
+_BATCHED_ENCODE_PIXELS = 768 * 768
+"""Images up to this many pixels and their masked copies are VAE-encoded as one batch."""
+
+
 def default_dtype(device: str) -> torch.dtype:
     """fp16 on CUDA (bf16 where the caller asks), fp32 elsewhere: CPU half is slow and lossy."""
     return torch.float16 if str(device).startswith("cuda") else torch.float32
@@ -104,7 +123,7 @@ def default_dtype(device: str) -> torch.dtype:
 
 @dataclass
 class _Batch:
-    """Per-run tensors shared by every chunk of variations."""
+    """One job's prepared tensors, shared by every chunk of its variations."""
 
     x0: torch.Tensor  # (1, C, h, w) original latents, in the denoiser's space
     m: torch.Tensor  # (1, 1, h, w) denoise mask in [0, 1]
@@ -115,6 +134,25 @@ class _Batch:
     scheduler_name: str
     steps: int
     strength: float
+    m_host: torch.Tensor | None = None  # ``m`` on the CPU, to decide each step without a sync
+
+    def batch_key(self) -> tuple:
+        """Jobs with equal keys can share one denoising batch."""
+        return (tuple(self.x0.shape[1:]), self.x0.dtype, self.inpaint_cond is not None, tuple(self.embeds.shape[1:]),
+                self.added is None, self.guidance, self.scheduler_name, self.steps, self.strength)
+
+
+@dataclass
+class _Part:
+    """The rows of one job (or one chunk of its variations) in a denoising batch."""
+
+    batch: _Batch
+    seeds: list[int]
+    on_step: StepCallback
+    chunk_index: int = 0
+    chunk_count: int = 1
+    images: list[np.ndarray] = field(default_factory=list)
+    error: BaseException | None = None
 
 
 class SDInpaintEngine:
@@ -133,9 +171,15 @@ class SDInpaintEngine:
             vae_scale_factor``: 512 for SD1.5, 768 for SD2-768, 1024 for SDXL).
         max_batch: the most variations denoised in one batch; ``None`` means all at once.
             A batch that runs out of GPU memory is retried in halves.
+        cuda_graphs: capture the UNet step as CUDA graphs; ``None`` means on CUDA without
+            offload, unless ``GENFILL_CUDA_GRAPHS=0``.
     """
 
     needs_colour_match = True
+    max_batch_images = 8
+    """The most images ``run_many`` is given at once by the server."""
+
+    _PROMPT_CACHE_SIZE = 32
 
     def __init__(
         self,
@@ -147,6 +191,7 @@ class SDInpaintEngine:
         name: str = "sd_inpaint",
         native_size: int | None = None,
         max_batch: int | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         if offload and not str(device).startswith("cuda"):
             raise ValueError(f"offload needs a CUDA device, got {device!r}")
@@ -163,6 +208,11 @@ class SDInpaintEngine:
         self._factory = pipeline_factory
         self.pipeline: Any = None
         self.family = "sd15"
+        use_graphs = graphs_enabled(self.device) and not offload if cuda_graphs is None else bool(cuda_graphs)
+        self.step_runner = GraphedStep(self._unet_step, enabled=use_graphs and graphs_enabled(self.device))
+        self._check_vae = False
+        self._prompts: OrderedDict[tuple, tuple[torch.Tensor, dict[str, torch.Tensor] | None]] = OrderedDict()
+        self._prompt_lock = threading.Lock()
 
     # Engine protocol
 
@@ -173,9 +223,9 @@ class SDInpaintEngine:
             pipe.set_progress_bar_config(disable=True)
         pipe.to(dtype=self.dtype)
         vae = pipe.vae
-        if self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-            # SDXL's VAE overflows in fp16 (diffusers' ``force_upcast``).
-            vae.to(dtype=torch.float32)
+        # SDXL's VAE can overflow in fp16 (diffusers' ``force_upcast``): it runs in fp16 while
+        # its results stay finite and is upcast at the first overflow (``_vae``).
+        self._check_vae = self.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
         if self.offload:
             pipe.enable_model_cpu_offload(device=self.device)
         else:
@@ -187,6 +237,8 @@ class SDInpaintEngine:
 
     def close(self) -> None:
         self.pipeline = None
+        self.step_runner.clear()
+        self._prompts.clear()
         self._close_extra()
         _empty_cache(self.device)
 
@@ -203,32 +255,22 @@ class SDInpaintEngine:
                 ``out_of_memory`` when even one variation does not fit.
             JobCancelledError: from ``on_step``; nothing is returned.
         """
-        if self.pipeline is None:
-            raise RuntimeError(f"engine {self.name} is not loaded")
-        image = np.ascontiguousarray(job.image[:, :, :3])
-        height, width = image.shape[:2]
-        factor = self.vae_scale_factor
-        if height % factor or width % factor:
-            raise ValueError(f"image size {width}x{height} is not a multiple of {factor}")
-        seeds = [int(seed) for seed in job.seeds]
-        if not seeds:
-            raise ValueError("job has no seeds")
-        options = job.options
-        mode = str(options.get("mode") or "fill")
-        prefilled = prefill(image, np.asarray(job.selection), mode)
+        self._check_loaded()
+        seeds = self._seeds(job)
         with torch.inference_mode():
-            batch = self._prepare(job, prefilled, options, mode)
-            control = self._prepare_control(job, image, options)
-            results: list[np.ndarray] = []
-            limit = self.max_batch or len(seeds)
-            done = 0
-            chunks_run = 0
             try:
+                batch = self._prepare_job(job)
+                control = self._prepare_control(job, np.ascontiguousarray(job.image[:, :, :3]), job.options)
+                results: list[np.ndarray] = []
+                limit = self.max_batch or len(seeds)
+                done = 0
+                chunks_run = 0
                 while done < len(seeds):
                     chunk = seeds[done : done + limit]
                     chunk_count = chunks_run + _chunks(len(seeds) - done, limit)
+                    part = _Part(batch, chunk, on_step, chunks_run, chunk_count)
                     try:
-                        results += self._denoise(batch, control, chunk, chunks_run, chunk_count, on_step)
+                        self._denoise([part], control)
                     except torch.cuda.OutOfMemoryError:
                         _empty_cache(self.device)
                         if len(chunk) == 1:
@@ -239,14 +281,84 @@ class SDInpaintEngine:
                         limit = max(1, len(chunk) // 2)
                         logger.warning("out of memory at batch %d; retrying with %d", len(chunk), limit)
                         continue
+                    if part.error is not None:
+                        raise part.error
+                    results += part.images
                     done += len(chunk)
                     chunks_run += 1
+            except JobCancelledError:
+                _empty_cache(self.device)
+                raise
             finally:
-                del batch, control
                 if hasattr(self.pipeline, "maybe_free_model_hooks"):
                     self.pipeline.maybe_free_model_hooks()
-                _empty_cache(self.device)
         return results
+
+    def batch_key(self, work_size: tuple[int, int], options: dict) -> tuple | None:
+        """What jobs must share to run in one ``run_many`` batch: the working size ``(height,
+        width)`` and the request's options (``FillRequest`` fields) decide it. ``None`` for a
+        job that runs alone (one with control inputs)."""
+        if options.get("control"):
+            return None
+        defaults = self.defaults
+        mode = str(options.get("mode") or "fill")
+        return (
+            tuple(work_size),
+            int(options.get("steps") or defaults.steps),
+            defaults.guidance if options.get("guidance") is None else float(options["guidance"]),
+            str(options.get("scheduler") or defaults.scheduler),
+            defaults.strength_by_mode.get(mode, 1.0) if options.get("strength") is None else float(options["strength"]),
+        )
+
+    def run_many(
+        self, jobs: Sequence[EngineJob], on_steps: Sequence[StepCallback]
+    ) -> list[list[np.ndarray] | BaseException]:
+        """Runs several jobs with equal ``batch_key`` in one denoising batch.
+
+        Returns, per job, its images (as ``run`` would) or the exception that ended it
+        (``JobCancelledError`` from its ``on_step``, a request error from its preparation).
+        A batch that runs out of GPU memory is retried one job at a time.
+        """
+        self._check_loaded()
+        outcomes: list[list[np.ndarray] | BaseException | None] = [None] * len(jobs)
+        parts: list[tuple[int, _Part]] = []
+        with torch.inference_mode():
+            try:
+                for index, (job, on_step) in enumerate(zip(jobs, on_steps)):
+                    try:
+                        if self.batch_key(np.shape(job.image)[:2], job.options) is None:
+                            raise ValueError("jobs with control inputs run alone")
+                        parts.append((index, _Part(self._prepare_job(job), self._seeds(job), on_step)))
+                    except (EngineError, ValueError) as exc:
+                        outcomes[index] = exc
+                keys = {part.batch.batch_key() for _, part in parts}
+                if len(keys) > 1:
+                    raise ValueError("run_many needs jobs of one batch key")
+                limit = self.max_batch or self.max_batch_images
+                rows = sum(len(part.seeds) for _, part in parts)
+                alone = rows > limit
+                if parts and not alone:
+                    try:
+                        self._denoise([part for _, part in parts], None)
+                    except torch.cuda.OutOfMemoryError:
+                        _empty_cache(self.device)
+                        logger.warning("out of memory for %d jobs in one batch; running them one by one", len(parts))
+                        alone = True
+                if alone:
+                    for index, part in parts:
+                        try:
+                            outcomes[index] = self.run(jobs[index], part.on_step)
+                        except (EngineError, JobCancelledError) as exc:
+                            outcomes[index] = exc
+                else:
+                    for index, part in parts:
+                        outcomes[index] = part.error if part.error is not None else part.images
+            finally:
+                if hasattr(self.pipeline, "maybe_free_model_hooks"):
+                    self.pipeline.maybe_free_model_hooks()
+        if any(isinstance(outcome, JobCancelledError) for outcome in outcomes):
+            _empty_cache(self.device)
+        return [outcome if outcome is not None else [] for outcome in outcomes]
 
     # Model facts
 
@@ -267,7 +379,28 @@ class SDInpaintEngine:
     def _exec_device(self) -> torch.device:
         return torch.device(getattr(self.pipeline, "_execution_device", None) or self.device)
 
+    def _check_loaded(self) -> None:
+        if self.pipeline is None:
+            raise RuntimeError(f"engine {self.name} is not loaded")
+
+    @staticmethod
+    def _seeds(job: EngineJob) -> list[int]:
+        seeds = [int(seed) for seed in job.seeds]
+        if not seeds:
+            raise ValueError("job has no seeds")
+        return seeds
+
     # Steps of a run
+
+    def _prepare_job(self, job: EngineJob) -> _Batch:
+        image = np.ascontiguousarray(job.image[:, :, :3])
+        height, width = image.shape[:2]
+        factor = self.vae_scale_factor
+        if height % factor or width % factor:
+            raise ValueError(f"image size {width}x{height} is not a multiple of {factor}")
+        mode = str(job.options.get("mode") or "fill")
+        prefilled = prefill(image, np.asarray(job.selection), mode)
+        return self._prepare(job, prefilled, job.options, mode)
 
     def _prepare(self, job: EngineJob, prefilled: np.ndarray, options: dict, mode: str) -> _Batch:
         defaults = self.defaults
@@ -279,37 +412,82 @@ class SDInpaintEngine:
             make_scheduler(scheduler_name, None)  # raises the request error
         device = self._exec_device
         pixels = _to_pixels(prefilled, device)
-        x0 = self._encode(pixels)
-        latent_size = x0.shape[-2:]
-        mask_px = torch.from_numpy(np.asarray(job.denoise_mask, dtype=np.float32) / 255.0)[None, None].to(device)
-        m = torch.nn.functional.interpolate(mask_px, size=latent_size, mode="area").to(x0.dtype)
-        inpaint_cond = None
-        if self.is_inpaint_model:
+        mask_host = torch.from_numpy(np.asarray(job.denoise_mask, dtype=np.float32) / 255.0)[None, None]
+        mask_px = mask_host.to(device)
+        inpaint = self.is_inpaint_model
+        if inpaint:
             # As the model was trained: a hard mask, and the image with the masked part blanked.
+            # Small images go through the VAE in one batch; large ones one at a time, where the
+            # encoder's activations, not its launches, are what counts.
             hard = (mask_px >= 0.5).to(pixels.dtype)
-            masked_latents = self._encode(pixels * (1 - hard))
+            if pixels.shape[-1] * pixels.shape[-2] <= _BATCHED_ENCODE_PIXELS:
+                both = self._encode(torch.cat([pixels, pixels * (1 - hard)]))
+                x0, masked_latents = both[:1], both[1:]
+            else:
+                x0 = self._encode(pixels)
+                masked_latents = self._encode(pixels * (1 - hard))
+        else:
+            x0 = self._encode(pixels)
+        latent_size = x0.shape[-2:]
+        m = torch.nn.functional.interpolate(mask_px, size=latent_size, mode="area").to(x0.dtype)
+        # The same numbers on the CPU, so the loop decides which cells take part without a sync.
+        m_host = torch.nn.functional.interpolate(mask_host, size=latent_size, mode="area").to(x0.dtype)
+        inpaint_cond = None
+        if inpaint:
             mask_latent = torch.nn.functional.interpolate(hard, size=latent_size).to(x0.dtype)
             inpaint_cond = torch.cat([mask_latent, masked_latents], dim=1)
         do_cfg = guidance > 1.0
         embeds, added = self._encode_prompt(
             str(options.get("prompt") or ""), str(options.get("negative_prompt") or ""), do_cfg, prefilled.shape[:2]
         )
-        return _Batch(x0, m, inpaint_cond, embeds, added, guidance, scheduler_name, steps, strength)
+        return _Batch(x0, m, inpaint_cond, embeds, added, guidance, scheduler_name, steps, strength, m_host)
+
+    def _vae(self, call: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+        """``call(vae)``, in fp16 while a VAE that asks for fp32 gives finite results; at its
+        first overflow the VAE is upcast to fp32 for good and ``call`` is redone."""
+        vae = self.pipeline.vae
+        result = call(vae)
+        if self._check_vae and not bool(torch.isfinite(result).all()):
+            logger.warning("the VAE overflowed in fp16; running it in fp32 from now on")
+            self._check_vae = False
+            vae.to(dtype=torch.float32)
+            result = call(vae)
+        return result
 
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        vae = self.pipeline.vae
-        latents = vae.encode(pixels.to(vae.dtype)).latent_dist.mean
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return ((latents - shift) * vae.config.scaling_factor).to(self.dtype)
+        vae_config = self.pipeline.vae.config
+        latents = self._vae(lambda vae: vae.encode(pixels.to(vae.dtype)).latent_dist.mean)
+        shift = getattr(vae_config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae_config.scaling_factor).to(self.dtype)
 
     def _decode(self, latents: torch.Tensor) -> list[np.ndarray]:
-        vae = self.pipeline.vae
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        decoded = vae.decode((latents / vae.config.scaling_factor + shift).to(vae.dtype)).sample
+        vae_config = self.pipeline.vae.config
+        shift = getattr(vae_config, "shift_factor", None) or 0.0
+        scaled = latents / vae_config.scaling_factor + shift
+        decoded = self._vae(lambda vae: vae.decode(scaled.to(vae.dtype)).sample)
         array = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-        return [np.ascontiguousarray(image.permute(1, 2, 0).cpu().numpy()) for image in array]
+        array = array.permute(0, 2, 3, 1).cpu().numpy()
+        return [np.ascontiguousarray(image) for image in array]
 
     def _encode_prompt(
+        self, prompt: str, negative: str, do_cfg: bool, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """The prompt's embeddings, from a small cache: artists repeat prompts, and SDXL's two
+        text encoders cost tens of milliseconds a job."""
+        key = (prompt, negative, do_cfg, tuple(size) if self.family == "sdxl" else None, self.dtype)
+        with self._prompt_lock:
+            cached = self._prompts.get(key)
+            if cached is not None:
+                self._prompts.move_to_end(key)
+                return cached
+        encoded = self._encode_prompt_uncached(prompt, negative, do_cfg, size)
+        with self._prompt_lock:
+            self._prompts[key] = encoded
+            while len(self._prompts) > self._PROMPT_CACHE_SIZE:
+                self._prompts.popitem(last=False)
+        return encoded
+
+    def _encode_prompt_uncached(
         self, prompt: str, negative: str, do_cfg: bool, size: tuple[int, int]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         pipe = self.pipeline
@@ -349,77 +527,129 @@ class SDInpaintEngine:
             values = [height, width, 0, 0, aesthetic]
         return torch.tensor([values], dtype=torch.float32)
 
-    def _denoise(
+    def _unet_step(
         self,
-        batch: _Batch,
-        control: Any,
-        seeds: list[int],
-        chunk_index: int,
-        chunk_count: int,
-        on_step: StepCallback,
-    ) -> list[np.ndarray]:
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        inpaint_cond: torch.Tensor | None,
+        embeds: torch.Tensor,
+        added: dict[str, torch.Tensor] | None,
+        residuals: tuple[list[torch.Tensor], torch.Tensor] | None,
+        guidance: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """One UNet evaluation and the guidance combine: the part of a step that is captured
+        as a CUDA graph. ``latents`` are the scheduler-scaled rows, once; ``guidance`` is
+        ``None`` without classifier-free guidance, else a 0-d tensor."""
+        model_in = torch.cat([latents, latents]) if guidance is not None else latents
+        if inpaint_cond is not None:
+            model_in = torch.cat([model_in, inpaint_cond], dim=1)
+        unet_kwargs: dict[str, Any] = {"encoder_hidden_states": embeds, "return_dict": False}
+        if added is not None:
+            unet_kwargs["added_cond_kwargs"] = added
+        if residuals is not None:
+            unet_kwargs["down_block_additional_residuals"] = residuals[0]
+            unet_kwargs["mid_block_additional_residual"] = residuals[1]
+        noise_pred = self.pipeline.unet(model_in, t, **unet_kwargs)[0]
+        if guidance is not None:
+            uncond, cond = noise_pred.chunk(2)
+            noise_pred = uncond + guidance * (cond - uncond)
+        return noise_pred
+
+    def _denoise(self, parts: list[_Part], control: Any) -> None:
+        """Denoises every part's rows in one batch; fills each part's ``images`` or ``error``.
+
+        ``JobCancelledError`` from a part's ``on_step`` ends that part (no more callbacks, its
+        rows discarded); the loop stops, before its next UNet call, once no part is left.
+        """
         device = self._exec_device
-        scheduler = make_scheduler(batch.scheduler_name, self.pipeline.scheduler.config)
-        scheduler.set_timesteps(batch.steps, device=device)
-        init_steps = min(max(int(batch.steps * batch.strength), 1), batch.steps)
-        start = (batch.steps - init_steps) * scheduler.order
+        first = parts[0].batch
+        scheduler = make_scheduler(first.scheduler_name, self.pipeline.scheduler.config)
+        scheduler.set_timesteps(first.steps, device=device)
+        init_steps = min(max(int(first.steps * first.strength), 1), first.steps)
+        start = (first.steps - init_steps) * scheduler.order
         timesteps = scheduler.timesteps[start:]
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start)
         total_steps = len(timesteps)
+        seeds = [seed for part in parts for seed in part.seeds]
+        counts = [len(part.seeds) for part in parts]
         size = len(seeds)
+        offsets = np.cumsum([0, *counts]).tolist()
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        shape = tuple(batch.x0.shape[1:])
+        shape = tuple(first.x0.shape[1:])
         noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
         noise = noise.to(device, self.dtype)
-        x0 = batch.x0.expand(size, -1, -1, -1)
-        if batch.strength >= 1.0:
+
+        def rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+            if len(tensors) == 1:
+                return tensors[0].expand(counts[0], *tensors[0].shape[1:])
+            return torch.cat([t.expand(n, *t.shape[1:]) for t, n in zip(tensors, counts)])
+
+        x0 = rows([part.batch.x0 for part in parts])
+        m = rows([part.batch.m for part in parts])
+        m_host = [part.batch.m_host for part in parts]
+        if first.strength >= 1.0:
             latents = noise * scheduler.init_noise_sigma
         else:
             latents = scheduler.add_noise(x0, noise, timesteps[:1].repeat(size))
-        guiding = batch.guidance > 1.0
-        copies = 2 if guiding else 1
-        embeds = batch.embeds.repeat_interleave(size, dim=0)
+        guiding = first.guidance > 1.0
+        guidance = torch.tensor(first.guidance, device=device, dtype=self.dtype) if guiding else None
+        if guiding:
+            embeds = torch.cat([rows([p.batch.embeds[:1] for p in parts]), rows([p.batch.embeds[1:] for p in parts])])
+        else:
+            embeds = rows([p.batch.embeds for p in parts]).contiguous()
         added = None
-        if batch.added is not None:
-            added = {key: value.repeat_interleave(size, dim=0) for key, value in batch.added.items()}
+        if first.added is not None:
+            added = {}
+            for key in first.added:
+                if guiding:
+                    added[key] = torch.cat([
+                        rows([p.batch.added[key][:1] for p in parts]), rows([p.batch.added[key][1:] for p in parts])
+                    ])
+                else:
+                    added[key] = rows([p.batch.added[key] for p in parts]).contiguous()
         inpaint_cond = None
-        if batch.inpaint_cond is not None:
-            inpaint_cond = batch.inpaint_cond.expand(size * copies, -1, -1, -1)
+        if first.inpaint_cond is not None:
+            cond_rows = rows([part.batch.inpaint_cond for part in parts])
+            inpaint_cond = torch.cat([cond_rows, cond_rows]) if guiding else cond_rows.contiguous()
         step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
+        live = list(range(len(parts)))
         try:
             for i, t in enumerate(timesteps):
-                active = (batch.m > 1.0 - (i + 1) / total_steps).to(latents.dtype)
-                if not bool(active.all()):
+                threshold = 1.0 - (i + 1) / total_steps
+                if not all(bool((host > threshold).all()) for host in m_host if host is not None):
+                    active = (m > threshold).to(latents.dtype)
                     noised = scheduler.add_noise(x0, noise, t.reshape(1).repeat(size))
                     latents = active * latents + (1 - active) * noised
-                model_in = torch.cat([latents] * copies) if guiding else latents
-                model_in = scheduler.scale_model_input(model_in, t)
-                residuals = self._control_residuals(control, i, total_steps, model_in, t, embeds, added, size)
-                if inpaint_cond is not None:
-                    model_in = torch.cat([model_in, inpaint_cond], dim=1)
-                unet_kwargs: dict[str, Any] = {"encoder_hidden_states": embeds, "return_dict": False}
-                if added is not None:
-                    unet_kwargs["added_cond_kwargs"] = added
-                if residuals is not None:
-                    unet_kwargs["down_block_additional_residuals"] = residuals[0]
-                    unet_kwargs["mid_block_additional_residual"] = residuals[1]
-                noise_pred = self.pipeline.unet(model_in, t, **unet_kwargs)[0]
-                if guiding:
-                    uncond, cond = noise_pred.chunk(2)
-                    noise_pred = uncond + batch.guidance * (cond - uncond)
+                scaled = scheduler.scale_model_input(latents, t)
+                residuals = None
+                if control is not None:
+                    model_in = torch.cat([scaled, scaled]) if guiding else scaled
+                    residuals = self._control_residuals(control, i, total_steps, model_in, t, embeds, added, size)
+                noise_pred = self.step_runner(scaled, t, inpaint_cond, embeds, added, residuals, guidance)
                 out = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=True)
                 latents = out.prev_sample
-                preview = None
+                previews: list[np.ndarray | None] = [None] * len(parts)
                 if preview_due(i + 1, total_steps):
                     x0_pred = getattr(out, "pred_original_sample", None)
                     source = latents if x0_pred is None else x0_pred
-                    preview = preview_rgb(source[0].float().cpu().numpy(), self.family)
-                # Progress counts the steps of every chunk of variations.
-                on_step(chunk_index * total_steps + i + 1, chunk_count * total_steps, preview)
-            keep = (batch.m > 0).to(latents.dtype)
+                    firsts = source[[offsets[index] for index in live]].float().cpu().numpy()
+                    for index, latent in zip(live, firsts):
+                        previews[index] = preview_rgb(latent, self.family)
+                for index in list(live):
+                    part = parts[index]
+                    try:
+                        # Progress counts the steps of every chunk of variations.
+                        part.on_step(part.chunk_index * total_steps + i + 1, part.chunk_count * total_steps, previews[index])
+                    except JobCancelledError as exc:
+                        part.error = exc
+                        live.remove(index)
+                if not live:
+                    return
+            keep = (m > 0).to(latents.dtype)
             latents = keep * latents + (1 - keep) * x0
-            return self._decode(latents)
+            for index in live:
+                parts[index].images = self._decode(latents[offsets[index] : offsets[index + 1]])
         finally:
             del latents, noise
 

@@ -1,0 +1,268 @@
+"""The fast paths of the SD engine: the captured step, batches of jobs, the fair take.
+
+On the CPU the step runs eagerly through the same function the CUDA graph captures; the
+graph-vs-eager comparison runs where CUDA is (the GPU benchmark's device run).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+
+import numpy as np
+import pytest
+import torch
+from genfill_server.engines.base import EngineJob, JobCancelledError
+from genfill_server.engines.graphs import GraphedStep, signature
+from genfill_server.engines.sd_inpaint import SDInpaintEngine
+from genfill_server.jobs import ClientHandle, FairQueue, Job
+
+import tiny_models
+
+SIZE = 64
+
+
+def _image(shift: int = 0) -> np.ndarray:
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    image = np.dstack([(xx * 255) // SIZE, (yy * 255) // SIZE, ((xx + yy + shift) * 127) // SIZE]).astype(np.uint8)
+    image[SIZE // 4 : SIZE // 2, SIZE // 8 : SIZE // 2] = 230 - shift
+    return image
+
+
+def _selection(offset: int = 0) -> np.ndarray:
+    selection = np.zeros((SIZE, SIZE), np.uint8)
+    selection[16 + offset : 48, 16 : 48 - offset] = 255
+    return selection
+
+
+def _job(seeds, *, prompt="a cat", shift=0, offset=0, **options) -> EngineJob:
+    selection = _selection(offset)
+    return EngineJob(
+        image=_image(shift),
+        selection=selection,
+        denoise_mask=selection,
+        seeds=list(seeds),
+        options={"mode": "fill", "prompt": prompt, "steps": 3, **options},
+    )
+
+
+def _ignore(step, total, preview):
+    pass
+
+
+@pytest.fixture(scope="module")
+def engine() -> SDInpaintEngine:
+    engine = SDInpaintEngine(functools.partial(tiny_models.tiny_sd15_inpaint, vae_attention=False))
+    engine.load()
+    return engine
+
+
+def test_signature_keys_by_shape_dtype_and_constants():
+    a = torch.zeros(2, 4, 8, 8)
+    assert signature((a, None, 1.5)) == signature((torch.ones(2, 4, 8, 8), None, 1.5))
+    assert signature((a,)) != signature((torch.zeros(4, 4, 8, 8),))
+    assert signature((a,)) != signature((a.half(),))
+    assert signature((a, None)) != signature((a, a))
+    assert signature(({"x": a},)) != signature(({"y": a},))
+
+
+def test_graphed_step_runs_eagerly_without_cuda():
+    runner = GraphedStep(lambda x, y: x * 2 + y, enabled=False)
+    out = runner(torch.ones(3), torch.full((3,), 0.5))
+    torch.testing.assert_close(out, torch.full((3,), 2.5))
+    assert runner.eager_calls == 1 and runner.graph_count == 0
+
+
+def test_engine_steps_go_through_the_step_runner(engine):
+    before = engine.step_runner.eager_calls + engine.step_runner.replays
+    engine.run(_job([1]), _ignore)
+    assert engine.step_runner.eager_calls + engine.step_runner.replays - before == 3
+    assert engine.step_runner.enabled is False  # the CPU has no graphs
+
+
+def test_run_many_equals_each_job_alone(engine):
+    jobs = [
+        _job([5]),
+        _job([7, 8], prompt="a dog", shift=40, offset=4),
+        _job([9], prompt="", negative_prompt="blurry", shift=80, offset=8),
+    ]
+    alone = [engine.run(job, _ignore) for job in jobs]
+    together = engine.run_many(jobs, [_ignore] * len(jobs))
+    for single, batched in zip(alone, together):
+        assert isinstance(batched, list) and len(batched) == len(single)
+        for a, b in zip(single, batched):
+            np.testing.assert_allclose(a.astype(int), b.astype(int), atol=1)
+
+
+def test_run_many_reports_progress_per_job_and_drops_a_cancelled_one(engine):
+    seen = {0: [], 1: []}
+
+    def progress(index):
+        def on_step(step, total, preview):
+            seen[index].append((step, total))
+            if index == 1 and step == 1:
+                raise JobCancelledError("job 1")
+
+        return on_step
+
+    jobs = [_job([3]), _job([4], shift=20)]
+    outcomes = engine.run_many(jobs, [progress(0), progress(1)])
+    assert isinstance(outcomes[1], JobCancelledError)
+    assert seen[1] == [(1, 3)]
+    assert seen[0] == [(1, 3), (2, 3), (3, 3)]
+    np.testing.assert_allclose(outcomes[0][0].astype(int), engine.run(jobs[0], _ignore)[0].astype(int), atol=1)
+
+
+def test_run_many_stops_when_every_job_is_cancelled(engine):
+    calls = []
+
+    def cancel(step, total, preview):
+        calls.append(step)
+        raise JobCancelledError("x")
+
+    before = engine.step_runner.eager_calls
+    outcomes = engine.run_many([_job([1]), _job([2])], [cancel, cancel])
+    assert all(isinstance(o, JobCancelledError) for o in outcomes)
+    assert calls == [1, 1] and engine.step_runner.eager_calls - before == 1
+
+
+def test_batch_keys_separate_what_cannot_share_a_batch(engine):
+    base = {"mode": "fill", "steps": 3}
+    key = engine.batch_key((64, 64), base)
+    assert key == engine.batch_key((64, 64), {**base, "prompt": "other"})
+    assert key != engine.batch_key((64, 96), base)
+    assert key != engine.batch_key((64, 64), {**base, "steps": 4})
+    assert key != engine.batch_key((64, 64), {**base, "guidance": 3.0})
+    assert engine.batch_key((64, 64), {**base, "control": [{"type": "canny"}]}) is None
+
+
+def _queued(client_id: int, name: str) -> Job:
+    async def make():
+        return ClientHandle(client_id)
+
+    handle = asyncio.run(make())
+    return Job(name, handle, None, np.zeros((1, 1, 4), np.uint8), np.zeros((1, 1), np.uint8), [0], "e")
+
+
+def test_fair_take_serves_clients_in_rotation_and_keeps_their_order():
+    queue = FairQueue()
+    jobs = {name: _queued(cid, name) for cid, name in [(1, "a1"), (1, "a2"), (2, "b1"), (3, "c1"), (2, "b2")]}
+    for job in jobs.values():
+        queue.put(job)
+    first = asyncio.run(queue.get())
+    assert first.job_id == "a1"
+    taken = queue.take(lambda job: job.job_id != "c1", limit=3)
+    # b1 then (c1 is skipped, its client keeps its turn) a2, then b2 in the next round.
+    assert [job.job_id for job in taken] == ["b1", "a2", "b2"]
+    assert len(queue) == 1 and asyncio.run(queue.get()).job_id == "c1"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("builder", ["tiny_sd15_inpaint", "tiny_sdxl_inpaint"])
+def test_cuda_graph_step_gives_the_eager_pixels(builder):
+    factory = functools.partial(getattr(tiny_models, builder))
+    eager = SDInpaintEngine(factory, device="cuda", cuda_graphs=False)
+    graphed = SDInpaintEngine(factory, device="cuda", cuda_graphs=True)
+    eager.load()
+    graphed.load()
+    jobs = [_job([11, 12]), _job([13], prompt="a dog", shift=40, offset=4)]
+    for job in jobs:
+        a = eager.run(job, _ignore)
+        b = graphed.run(job, _ignore)
+        for x, y in zip(a, b):
+            assert np.abs(x.astype(int) - y.astype(int)).max() <= 2
+    assert graphed.step_runner.captures >= 1 and graphed.step_runner.replays >= 3
+    together = graphed.run_many(jobs, [_ignore, _ignore])
+    for job, batched in zip(jobs, together):
+        for x, y in zip(eager.run(job, _ignore), batched):
+            assert np.abs(x.astype(int) - y.astype(int)).max() <= 2
+
+
+# Through the real server: several clients, one engine batch
+
+
+@pytest.fixture(scope="module")
+def batching_server(tmp_path_factory):
+    from genfill_server.app import ServerConfig
+    from genfill_server.background import BackgroundServer
+    from genfill_server.engines import default_engines
+
+    models = tmp_path_factory.mktemp("models")
+    tiny_models.tiny_sd15_inpaint(vae_attention=False).save_pretrained(models / "tiny-inpaint")
+    engines = default_engines(model_dirs=[models], hf_cache=False)
+    # A generous wait, so the clients' submissions, sent together, surely meet in one batch.
+    config = ServerConfig(write_state_file=False, batch_wait_s=2.0)
+    with BackgroundServer(config, engines) as running:
+        yield running, engines
+
+
+def _client_jobs():
+    canvas = np.dstack([_image(), np.full((SIZE, SIZE), 255, np.uint8)])
+    return [
+        (canvas, _selection(), {"prompt": "a cat", "seed": 31, "variations": 1}),
+        (canvas, _selection(4), {"prompt": "a dog", "seed": 32, "variations": 2}),
+        (np.dstack([_image(60), np.full((SIZE, SIZE), 255, np.uint8)]), _selection(8), {"prompt": "", "seed": 33, "variations": 1}),
+    ]
+
+
+def test_concurrent_clients_share_a_batch_and_get_their_own_results(batching_server):
+    from genfill import AsyncClient, Client
+
+    running, engines = batching_server
+    options = {"model": "tiny-inpaint", "steps": 3}
+    alone = []
+    with Client(running.url, token=running.token) as client:
+        for canvas, mask, extra in _client_jobs():
+            alone.append(client.fill(canvas, mask, **options, **extra))
+    engine = engines.loaded("sd_inpaint", "cpu", "tiny-inpaint")
+    steps_before = engine.step_runner.eager_calls
+
+    async def together():
+        clients = [AsyncClient(running.url, token=running.token) for _ in _client_jobs()]
+        for client in clients:
+            await client.connect()
+        try:
+            return await asyncio.gather(*(
+                client.fill(canvas, mask, **options, **extra)
+                for client, (canvas, mask, extra) in zip(clients, _client_jobs())
+            ))
+        finally:
+            for client in clients:
+                await client.aclose()
+
+    batched = asyncio.run(together())
+    # Three jobs of three steps: one batch makes three UNet steps, not nine.
+    assert engine.step_runner.eager_calls - steps_before == 3
+    for single, result in zip(alone, batched):
+        assert result.seeds == single.seeds and result.box == single.box
+        for a, b in zip(single.arrays, result.arrays):
+            # Batched kernels round differently; tiny random models amplify it at a few pixels.
+            difference = np.abs(a.astype(int) - b.astype(int))
+            assert difference.max() <= 4 and difference.mean() < 0.05
+
+
+def test_a_cancelled_job_in_a_batch_is_answered_and_the_others_finish(batching_server):
+    from genfill import AsyncClient, JobCancelled
+
+    running, _ = batching_server
+    options = {"model": "tiny-inpaint", "steps": 3}
+
+    async def scenario():
+        clients = [AsyncClient(running.url, token=running.token) for _ in range(2)]
+        for client in clients:
+            await client.connect()
+        try:
+            (canvas, mask, extra), (canvas2, mask2, extra2) = _client_jobs()[:2]
+            keep = await clients[0].submit_fill(canvas, mask, **options, **extra)
+            drop = await clients[1].submit_fill(canvas2, mask2, **options, **extra2)
+            await drop.cancel()
+            kept = await keep.result(timeout_s=120)
+            with pytest.raises(JobCancelled):
+                await drop.result(timeout_s=120)
+            return kept
+        finally:
+            for client in clients:
+                await client.aclose()
+
+    kept = asyncio.run(scenario())
+    assert kept.seeds == [31] and len(kept.arrays) == 1
