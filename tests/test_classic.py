@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from genfill_server.engines.base import Engine, EngineError, EngineJob, JobCancelledError
-from genfill_server.engines.classic import ClassicEngine, content_aware_fill
+from genfill_server.engines.classic import ClassicEngine, _harmonic_fill, content_aware_fill
 
 
 def noise_image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -158,6 +158,34 @@ def test_bricks_are_continued_not_smeared() -> None:
     for method in (cv2.INPAINT_TELEA, cv2.INPAINT_NS):
         smeared = cv2.inpaint(damaged, hole.astype(np.uint8) * 255, 3, method)
         assert not continues_pattern(smeared, wall, hole)
+
+
+def test_a_smooth_gradient_is_continued_without_patch_seams() -> None:
+    # Copied patches alone carry the wrong brightness into a ramp (errors up to 8 levels);
+    # the low band from the membrane follows it.
+    y, x = np.mgrid[0:128, 0:192]
+    ramp = np.stack([40 + x, 60 + 0.5 * y + 0.3 * x, 200 - 0.8 * x], axis=-1).astype(np.uint8)
+    hole = np.zeros((128, 192), bool)
+    hole[34:94, 60:140] = True
+    damaged = ramp.copy()
+    damaged[hole] = 0
+    result = content_aware_fill(damaged, hole, seed=0)
+    error = np.abs(result[hole].astype(int) - ramp[hole])
+    assert error.mean() <= 1.0 and error.max() <= 4, (error.mean(), error.max())
+
+
+def test_the_membrane_solves_laplaces_equation() -> None:
+    # A linear function is harmonic: the membrane reproduces it inside the hole, also where
+    # the hole touches the image border (no flux across it).
+    y, x = np.mgrid[0:64, 0:80]
+    plane = np.stack([30 + 2 * x, 50 + y + x, 250 - 3 * y], axis=-1).astype(np.float32)
+    hole = np.zeros((64, 80), bool)
+    hole[10:50, 20:60] = True
+    assert np.abs(_harmonic_fill(plane, hole, sweeps=200)[hole] - plane[hole]).max() < 0.5
+    edge = np.zeros((64, 80), bool)
+    edge[20:40, 50:] = True
+    flat = np.full((64, 80, 3), 90, np.float32)
+    assert np.abs(_harmonic_fill(flat, edge)[edge] - 90).max() < 1e-3
 
 
 def test_a_cancel_raised_by_the_callback_propagates_promptly() -> None:
