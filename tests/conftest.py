@@ -57,6 +57,10 @@ class BlockingJob:
         self._job = job
         self.job_id = job.job_id
 
+    @property
+    def state(self):
+        return self._job.state
+
     def __iter__(self):
         async def collect():
             return [event async for event in self._job]

@@ -359,7 +359,11 @@ def test_stopping_the_server_tells_each_unfinished_job(client_factory):
         with client_factory(url=running.url, token=running.token) as client:
             canvas, mask = brick_image(1024, 1024), rect_mask(1024, 1024, (100, 100, 700, 700))
             jobs = [client.submit_fill(canvas, mask, variations=8, seed=seed) for seed in (1, 2)]
-            # Whether a job is still queued or already running, it is told why it will not finish.
+            # A job the server has accepted, queued or running, is told why it will not finish.
+            deadline = time.monotonic() + 30
+            while any(job.state.status == "submitted" for job in jobs):
+                assert time.monotonic() < deadline, "the server never accepted the jobs"
+                time.sleep(0.01)
             running.stop()
             for job in jobs:
                 with pytest.raises(ConnectionClosed) as caught:
