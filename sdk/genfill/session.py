@@ -172,9 +172,13 @@ class JobState:
                 base, _ = fill.expand_canvas(
                     base, left=margins.left, right=margins.right, top=margins.top, bottom=margins.bottom
                 )
+            # Identical variations share one image id, and so one frame.
+            arrays = [frames[v.image] for v in message.variations]
+            for variation in message.variations:
+                frames.pop(variation.image, None)
             self.result = FillResult(
                 job_id=self.job_id,
-                arrays=[frames.pop(v.image) for v in message.variations],
+                arrays=arrays,
                 box=_box(message.box),
                 seeds=[v.seed for v in message.variations],
                 canvas_size=Size(base.shape[1], base.shape[0]),
