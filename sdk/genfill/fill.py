@@ -479,7 +479,15 @@ def _box_mean(array: np.ndarray, radius: int, axis: int) -> np.ndarray:
     pad = [(0, 0), (0, 0)]
     pad[axis] = (radius + 1, radius)
     padded = np.pad(array, pad, mode="edge")
-    sums = np.cumsum(padded, axis=axis)
+    if axis == 0:
+        # Row by row: the same additions in the same order as ``np.cumsum(axis=0)``, so the
+        # same bits, but each is one vectorized pass over a row (numpy's cumsum down columns
+        # of a C-ordered array runs several times slower).
+        sums = padded
+        for row in range(1, sums.shape[0]):
+            np.add(sums[row - 1], sums[row], out=sums[row])
+    else:
+        sums = np.cumsum(padded, axis=axis)
     window = 2 * radius + 1
     upper = [slice(None), slice(None)]
     lower = [slice(None), slice(None)]
@@ -515,7 +523,22 @@ def denoise_mask(selection: np.ndarray, *, grow_px: int, feather_px: int) -> np.
     selection = _check_mask("selection", selection)
     grow_px = _check_non_negative_int("grow_px", grow_px)
     feather_px = _check_non_negative_int("feather_px", feather_px)
-    return np.maximum(blur(grow(selection, grow_px), feather_px), selection)
+    out = np.zeros_like(selection)
+    try:
+        box = mask_box(selection)
+    except EmptyMaskError:
+        return out
+    # Every pixel further than ``grow_px + feather_px`` from the selection is 0 after growing
+    # and after each blur pass, so the work is done on the box that reaches that far plus one
+    # row and column of zeros: edge replication there repeats zeros, running sums start after
+    # exact zeros, and the result is the same, bit for bit, as on the whole array.
+    reach = grow_px + feather_px + 1
+    height, width = selection.shape
+    top, left = max(box.y - reach, 0), max(box.x - reach, 0)
+    bottom, right = min(box.bottom + reach, height), min(box.right + reach, width)
+    inner = selection[top:bottom, left:right]
+    out[top:bottom, left:right] = np.maximum(blur(grow(inner, grow_px), feather_px), inner)
+    return out
 
 
 def compositing_mask(selection: np.ndarray, *, blend_px: int) -> np.ndarray:
@@ -663,9 +686,32 @@ def match_colour(generated: np.ndarray, original: np.ndarray, known: np.ndarray)
     return apply_colour_transform(generated, transform)
 
 
-def colour_transform(generated: np.ndarray, original: np.ndarray, known: np.ndarray) -> ColourTransform | None:
+def colour_statistics(image: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The CIELAB mean and standard deviation of ``image`` (``(H, W, 3)`` uint8 sRGB) over
+    ``known`` (``(H, W)`` bool): what :func:`colour_transform` measures of its ``original``,
+    to be measured ahead, while the engine runs, and passed as ``original_statistics``."""
+    image = _check_image("image", image, 3)
+    known = _check_array("known", known)
+    if known.ndim != 2 or known.dtype != np.bool_ or known.shape != image.shape[:2]:
+        raise ValueError(f"known must be an (H, W) bool array the image's size, got {known.shape} {known.dtype}")
+    return _lab_statistics(image, known)
+
+
+def _lab_statistics(image: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    # Colour planes, (3, N): whole-plane arithmetic beats (N, 3) matrix products here.
+    return _mean_and_std(_srgb_to_lab(image.reshape(-1, 3)[known.reshape(-1)].T))
+
+
+def colour_transform(
+    generated: np.ndarray,
+    original: np.ndarray,
+    known: np.ndarray,
+    *,
+    original_statistics: tuple[np.ndarray, np.ndarray] | None = None,
+) -> ColourTransform | None:
     """The CIELAB transform :func:`match_colour` applies, measured over the ``known`` pixels;
-    ``None`` if fewer than 16 pixels are known. Arguments and errors as ``match_colour``."""
+    ``None`` if fewer than 16 pixels are known. Arguments and errors as ``match_colour``;
+    ``original_statistics``, if given, is ``colour_statistics(original, known)``."""
     generated = _check_image("generated", generated, 3)
     original = _check_image("original", original, 3)
     known = _check_array("known", known)
@@ -677,12 +723,10 @@ def colour_transform(generated: np.ndarray, original: np.ndarray, known: np.ndar
         )
     if np.count_nonzero(known) < _MIN_KNOWN_PIXELS:
         return None
-    # Colour planes, (3, N): whole-plane arithmetic beats (N, 3) matrix products here.
-    known_pixels = known.reshape(-1)
-    generated_known = _srgb_to_lab(generated.reshape(-1, 3).T)[:, known_pixels]
-    original_known = _srgb_to_lab(original.reshape(-1, 3)[known_pixels].T)
-    generated_mean, generated_std = _mean_and_std(generated_known)
-    original_mean, original_std = _mean_and_std(original_known)
+    generated_mean, generated_std = _mean_and_std(_srgb_to_lab(generated.reshape(-1, 3).T)[:, known.reshape(-1)])
+    if original_statistics is None:
+        original_statistics = _lab_statistics(original, known)
+    original_mean, original_std = original_statistics
     # A channel that is flat in the generated context says nothing about the right scale.
     flat = generated_std < 1e-6
     ratio = np.where(flat, 1.0, original_std / np.where(flat, 1.0, generated_std))

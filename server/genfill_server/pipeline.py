@@ -7,7 +7,8 @@ the composite there is the input, bit for bit, whatever the engine returns.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 from genfill import fill
@@ -86,6 +87,35 @@ class PreparedFill:
     rgb: np.ndarray  # (h, w, 3) the context crop, canvas resolution
     local_selection: np.ndarray  # (h, w) the selection in the context crop
     blend_px: int
+    early: Future | None = field(default=None, compare=False)
+    """``_Early`` parts of ``finish_fill``, computed on a helper thread while the engine runs."""
+
+
+@dataclass(frozen=True)
+class _Early:
+    """What ``finish_fill`` needs that does not depend on the engine's images."""
+
+    alpha: np.ndarray | None  # None: nothing to change (finish_fill raises)
+    changed: Box | None
+    work_known: np.ndarray
+    original_statistics: tuple[np.ndarray, np.ndarray] | None
+
+
+# Two threads: the jobs of one engine batch are prepared side by side.
+_HELPERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="genfill-finish")
+
+
+def _early(needs_colour_match: bool, local_selection: np.ndarray, blend_px: int, job: EngineJob) -> _Early:
+    alpha = fill.compositing_mask(local_selection, blend_px=blend_px)
+    try:
+        changed = fill.mask_box(alpha)
+    except fill.EmptyMaskError:
+        return _Early(None, None, job.selection == 0, None)
+    work_known = job.selection == 0
+    statistics = None
+    if needs_colour_match and np.count_nonzero(work_known) >= fill._MIN_KNOWN_PIXELS:  # noqa: SLF001
+        statistics = fill.colour_statistics(job.image, work_known)
+    return _Early(alpha, changed, work_known, statistics)
 
 
 def batch_key(engine: Engine, request: FillRequest, selection: np.ndarray) -> tuple | None:
@@ -176,7 +206,10 @@ def prepare_fill(
         seeds=list(seeds),
         options=options,
     )
-    return PreparedFill(job, context, work_size, rgb, local_selection, blend_px)
+    early = _HELPERS.submit(
+        _early, getattr(engine, "needs_colour_match", True), local_selection, blend_px, job
+    )
+    return PreparedFill(job, context, work_size, rgb, local_selection, blend_px, early)
 
 
 def finish_fill(engine: Engine, prepared: PreparedFill, generated: list[np.ndarray]) -> PipelineResult:
@@ -184,17 +217,20 @@ def finish_fill(engine: Engine, prepared: PreparedFill, generated: list[np.ndarr
 
     The colour transform is measured at the engine's working resolution, where the images
     are, and applied, at canvas resolution, to the part that becomes the layer only: the
-    context around it can be many times larger.
+    context around it can be many times larger. What does not depend on the images (the
+    compositing mask, the original's colour statistics) was computed while the engine ran.
     """
     context, work_size = prepared.context, prepared.work_size
     if len(generated) != len(prepared.job.seeds):
         raise RuntimeError(f"engine {engine.name} returned {len(generated)} images for {len(prepared.job.seeds)} seeds")
-    alpha = fill.compositing_mask(prepared.local_selection, blend_px=prepared.blend_px)
-    try:
-        changed = fill.mask_box(alpha)
-    except fill.EmptyMaskError:
-        raise RequestError(ErrorCode.EMPTY_SELECTION, "the selection is too faint to change any pixel") from None
-    work_known = prepared.job.selection == 0
+    needs_colour_match = getattr(engine, "needs_colour_match", True)
+    if prepared.early is not None:
+        early = prepared.early.result()
+    else:
+        early = _early(needs_colour_match, prepared.local_selection, prepared.blend_px, prepared.job)
+    if early.alpha is None:
+        raise RequestError(ErrorCode.EMPTY_SELECTION, "the selection is too faint to change any pixel")
+    alpha, changed, work_known = early.alpha, early.changed, early.work_known
     layer_alpha = fill.crop(alpha, changed)
     layers = []
     for image in generated:
@@ -202,8 +238,10 @@ def finish_fill(engine: Engine, prepared: PreparedFill, generated: list[np.ndarr
             raise RuntimeError(f"engine {engine.name} returned {image.shape} for {work_size}")
         image = np.ascontiguousarray(image[:, :, :3])
         transform = None
-        if getattr(engine, "needs_colour_match", True):
-            transform = fill.colour_transform(image, prepared.job.image, work_known)
+        if needs_colour_match:
+            transform = fill.colour_transform(
+                image, prepared.job.image, work_known, original_statistics=early.original_statistics
+            )
         image = fill.crop(fill.resize(image, context.size), changed)
         if transform is not None:
             image = fill.apply_colour_transform(np.ascontiguousarray(image), transform)

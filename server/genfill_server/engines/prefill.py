@@ -92,7 +92,11 @@ def pull_push(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
     colour = sums / np.maximum(counts, 1e-6)[..., None]
     if (counts <= 0).any():
         colour[counts <= 0] = colour[counts > 0].mean(axis=0) if (counts > 0).any() else NEUTRAL_GREY
-    for sums, counts in reversed(levels[:-1]):
+    # The finest level is the image itself: each pixel is known (weight 1) or in the hole
+    # (weight 0), none partly, so its hole pixels take the upsampled colour of level 1 and
+    # nothing else of it is used. Only the hole's box is upsampled there.
+    coarser = levels[1:-1] if len(levels) > 1 else []
+    for sums, counts in reversed(coarser):
         coarse = _double(colour, counts.shape)
         known = counts > 0
         colour = np.where(known[..., None], sums / np.maximum(counts, 1e-6)[..., None], coarse)
@@ -101,8 +105,35 @@ def pull_push(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
         partial = (counts > 0) & (counts < counts.max())
         colour[partial] = 0.5 * colour[partial] + 0.5 * coarse[partial]
     out = image.copy()
-    out[hole] = np.clip(np.rint(colour[hole]), 0, 255).astype(np.uint8)
+    if len(levels) == 1:
+        out[hole] = np.clip(np.rint(colour[hole]), 0, 255).astype(np.uint8)
+        return out
+    top, bottom, left, right = _box_around(hole, hole.shape)
+    coarse = _double_box(colour, hole.shape, top, bottom, left, right)
+    inside = hole[top:bottom, left:right]
+    out[top:bottom, left:right][inside] = np.clip(np.rint(coarse[inside]), 0, 255).astype(np.uint8)
     return out
+
+
+def _box_around(hole: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """The hole's bounding box, ``(top, bottom, left, right)``, half-open."""
+    rows = np.flatnonzero(hole.any(axis=1))
+    columns = np.flatnonzero(hole.any(axis=0))
+    return int(rows[0]), int(rows[-1]) + 1, int(columns[0]), int(columns[-1]) + 1
+
+
+def _double_box(array: np.ndarray, shape: tuple[int, int], top: int, bottom: int, left: int, right: int) -> np.ndarray:
+    """``_double(array, shape)[top:bottom, left:right]``, computed on that box and a margin of
+    one pixel only (the smoothing reaches one pixel), with the same numbers."""
+    height, width = shape
+    y0, y1 = max(top - 1, 0), min(bottom + 1, height)
+    x0, x1 = max(left - 1, 0), min(right + 1, width)
+    part = array[y0 // 2 : (y1 - 1) // 2 + 1, x0 // 2 : (x1 - 1) // 2 + 1]
+    up = np.repeat(np.repeat(part, 2, axis=0), 2, axis=1)
+    up = up[y0 - 2 * (y0 // 2) :, x0 - 2 * (x0 // 2) :][: y1 - y0, : x1 - x0]
+    # Inside the image, the margin's neighbours are not the image's: the margin is dropped.
+    smooth = _smooth(up)
+    return smooth[top - y0 : top - y0 + bottom - top, left - x0 : left - x0 + right - left]
 
 
 def extend_edges(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
@@ -155,20 +186,25 @@ def _halve_sum(array: np.ndarray) -> np.ndarray:
     """Sums 2x2 cells; an odd last row or column is kept as a cell of its own."""
     height, width = array.shape[:2]
     padded_h, padded_w = height + height % 2, width + width % 2
-    pad = [(0, padded_h - height), (0, padded_w - width)] + [(0, 0)] * (array.ndim - 2)
-    array = np.pad(array, pad)
+    if (padded_h, padded_w) != (height, width):
+        pad = [(0, padded_h - height), (0, padded_w - width)] + [(0, 0)] * (array.ndim - 2)
+        array = np.pad(array, pad)
     return array[0::2, 0::2] + array[1::2, 0::2] + array[0::2, 1::2] + array[1::2, 1::2]
 
 
 def _double(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """Upsamples by 2 and smooths with a [1, 2, 1] kernel, so pushed colours show no blocks."""
-    out = np.repeat(np.repeat(array, 2, axis=0), 2, axis=1)[: shape[0], : shape[1]]
+    return _smooth(np.repeat(np.repeat(array, 2, axis=0), 2, axis=1)[: shape[0], : shape[1]])
+
+
+def _smooth(out: np.ndarray) -> np.ndarray:
+    """[1, 2, 1] / 4 along each axis, edges replicated."""
     for axis in (0, 1):
         padded = np.concatenate([out.take([0], axis=axis), out, out.take([-1], axis=axis)], axis=axis)
         length = out.shape[axis]
-        out = (
-            padded.take(range(0, length), axis=axis)
-            + 2 * padded.take(range(1, length + 1), axis=axis)
-            + padded.take(range(2, length + 2), axis=axis)
-        ) / 4
+        if axis == 0:
+            before, centre, after = padded[0:length], padded[1 : length + 1], padded[2 : length + 2]
+        else:
+            before, centre, after = padded[:, 0:length], padded[:, 1 : length + 1], padded[:, 2 : length + 2]
+        out = (before + 2 * centre + after) / 4
     return out
