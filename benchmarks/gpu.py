@@ -42,6 +42,14 @@ What it does, in one process plus one server subprocess, on one card:
    - ``canvas_1024`` / ``canvas_8192``: one 512x512 selection in the middle of a 1024x1024 and
      of an 8192x8192 canvas, SD1.5, end to end (the client's crop and upload included).
 
+   - ``sd15_offload`` / ``sdxl_offload``: the SD1.5 and SDXL workloads through a second
+     server started with model CPU offload (``default_engines(..., offload=True)``, as
+     ``genfill serve --offload``), after the first one has stopped, with its caching allocator
+     capped at 7.5 GiB (``torch.cuda.set_per_process_memory_fraction``) as on an 8 GB card:
+     a job that needs more fails with out_of_memory. genfill only; reported with peak
+     allocated and reserved GPU memory, and the CUDA graph replays (none: offload runs the
+     UNet eagerly, since weights moving between devices cannot live in a captured graph).
+
    Plus ``unet_step``: one UNet forward at batch 2 (one CFG job) and 16 (eight), eager and
    replayed from a CUDA graph, and the VAE's share, to show where a job's time goes.
 4. Prints a table and writes JSON: per workload the median, min, max and every sample, peak GPU
@@ -261,6 +269,8 @@ TARGETS = {
     "canvas_8192": ("8192/1024", "<=", 1.2),
 }
 OVERHEAD_TARGET = 0.05
+OFFLOAD_CARD_GB = 7.5
+"""The offload server's allocator cap: an 8 GB card less its CUDA context and the display."""
 
 
 @dataclass(frozen=True)
@@ -408,7 +418,15 @@ def serve(args: argparse.Namespace) -> int:
 
     # A diffusion engine as the default: the classic one would load (and need PyPatchMatch) at
     # start, and no workload here uses it.
-    engines = default_engines([args.models_dir], hf_cache=False, default_engine="sd_inpaint")
+    engines = default_engines([args.models_dir], hf_cache=False, default_engine="sd_inpaint", offload=args.offload)
+    if args.memory_cap_gb and args.device.startswith("cuda"):
+        import torch
+
+        # The caching allocator refuses to hold more than this, as a card of that size would.
+        index = torch.device(args.device).index
+        index = torch.cuda.current_device() if index is None else index
+        total = torch.cuda.get_device_properties(index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_cap_gb * 2**30 / total), index)
     _record_engine_runs(engines, Path(args.timings), args.device)
 
     async def main() -> None:
@@ -441,9 +459,11 @@ def _record_engine_runs(engines, path: Path, device: str) -> None:
         unet = getattr(getattr(engine, "pipeline", None), "unet", None)
         if unet is not None:
             unet.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        step_runner = getattr(engine, "step_runner", None)
 
         def timed(call, jobs, *args):
             calls[0] = 0
+            replays = getattr(step_runner, "replays", 0)
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -459,7 +479,10 @@ def _record_engine_runs(engines, path: Path, device: str) -> None:
                 "engine_s": time.perf_counter() - started,
                 "started_at": wall_start,
                 "peak_bytes": torch.cuda.max_memory_allocated() if cuda else None,
+                "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
                 "unet_calls": calls[0],
+                "graph_replays": getattr(step_runner, "replays", 0) - replays,
+                "offload": bool(getattr(engine, "offload", False)),
                 "work_px": list(np.shape((jobs[0] if many else jobs).image)[:2]),
                 "images": images,
                 "jobs": len(jobs) if many else 1,
@@ -484,13 +507,18 @@ def _record_engine_runs(engines, path: Path, device: str) -> None:
 class ServerProcess:
     """The ``--serve`` subprocess; ``records()`` reads what its engines wrote so far."""
 
-    def __init__(self, models_dir: Path, device: str, work_dir: Path) -> None:
+    def __init__(self, models_dir: Path, device: str, work_dir: Path, *, offload: bool = False,
+                 memory_cap_gb: float | None = None) -> None:
         work_dir.mkdir(parents=True, exist_ok=True)
-        self.timings = work_dir / "engine-runs.jsonl"
+        self.timings = work_dir / ("engine-runs-offload.jsonl" if offload else "engine-runs.jsonl")
         self.timings.unlink(missing_ok=True)
         self.timings.touch()
         command = [sys.executable, str(Path(__file__).resolve()), "--serve", "--models-dir", str(models_dir),
                    "--device", device, "--timings", str(self.timings)]
+        if offload:
+            command.append("--offload")
+        if memory_cap_gb:
+            command += ["--memory-cap-gb", str(memory_cap_gb)]
         self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         line = _readline(self.process, timeout_s=300)
         if not line:
@@ -774,7 +802,76 @@ class Bench:
             server.close()
         self.results["server_engine_runs"] = len(server.records())
         self.save()
+        offload = [n for n in ("sd15_offload", "sdxl_offload") if wanted is None or n in wanted]
+        if offload and not self._out_of_time("offload"):
+            self._offload(models_dir, offload)
         return self.results
+
+    # Model CPU offload, for 8 GB cards: a second server, started as ``genfill serve --offload``
+
+    def _offload(self, models_dir: Path, names: list[str]) -> None:
+        if not self.cuda:
+            for name in names:
+                self.results["workloads"][name] = {"skipped": "needs CUDA"}
+            return
+        cap = OFFLOAD_CARD_GB
+        log(f"offload: a server with model CPU offload, its allocator capped at {cap} GiB")
+        try:
+            server = ServerProcess(models_dir, self.device, self.out.parent, offload=True, memory_cap_gb=cap)
+        except Exception as exc:  # noqa: BLE001
+            for name in names:
+                self._failed(name, exc)
+            return
+        s = self.sizes
+        try:
+            for name in names:
+                if self._out_of_time(name):
+                    continue
+                try:
+                    if name == "sd15_offload":
+                        self._genfill_only(server, name, model=MODEL_SD15, size=s.sd15, selection=s.sd15_selection,
+                                           steps=s.sd15_steps, guidance=7.5, reps=max(1, s.reps - 2), cap=cap)
+                    else:
+                        self._genfill_only(server, name, model=MODEL_SDXL, size=s.sdxl, selection=s.sdxl_selection,
+                                           steps=s.sdxl_steps, guidance=5.0, reps=max(1, s.sdxl_reps - 1), cap=cap)
+                except Exception as exc:  # noqa: BLE001 - record and go on
+                    self._failed(name, exc)
+                self.save()
+        finally:
+            server.close()
+
+    def _genfill_only(self, server: ServerProcess, name: str, *, model: str, size: int, selection: int, steps: int,
+                      guidance: float, reps: int, cap: float) -> None:
+        from genfill import Client
+
+        canvas, mask = canvas_and_mask(size, selection)
+        log(f"{name}: {reps} runs")
+        e2e, runs = [], []
+        with Client(server.url, token=server.token, open_timeout_s=60) as client:
+            for index in range(1 + reps):
+                before = len(server.records())
+                started = time.perf_counter()
+                result = client.fill(canvas, mask, PROMPT, **fill_options(model, steps, guidance, 1000 + index))
+                seconds = time.perf_counter() - started
+                if index >= 1:
+                    e2e.append(seconds)
+                    runs.append(server.records()[before])
+        ours = summary(e2e)
+        overhead = summary([t - r["engine_s"] for t, r in zip(e2e, runs)])
+        self.results["workloads"][name] = {
+            "genfill_e2e_s": ours,
+            "genfill_engine_s": summary([r["engine_s"] for r in runs]),
+            "overhead_s": overhead,
+            "overhead_fraction": overhead["median"] / ours["median"],
+            "peak_gb_genfill": _gb(max(r["peak_bytes"] or 0 for r in runs)),
+            "peak_reserved_gb_genfill": _gb(max(r.get("peak_reserved_bytes") or 0 for r in runs)),
+            "memory_cap_gb": cap,
+            "unet_calls_genfill": runs[0]["unet_calls"],
+            "graph_replays": sum(r.get("graph_replays", 0) for r in runs),
+            "offload": all(r.get("offload") for r in runs),
+            "work_px_genfill": runs[0]["work_px"],
+            "engine": result.engine,
+        }
 
     def _out_of_time(self, name: str) -> bool:
         budget = self.args.budget_s
@@ -1149,6 +1246,23 @@ def table(results: dict) -> str:
             f"{entry['overhead_s']['median']:.3f}s {100 * entry['overhead_fraction']:.1f}%",
             "" if ratio is None else f"{ratio:.2f}x", verdict("canvas_8192", ratio), peak(entry),
         ))
+    for name in ("sd15_offload", "sdxl_offload"):
+        entry = w.get(name)
+        if entry is None or "skipped" in entry:
+            continue
+        if "error" in entry:
+            rows.append((name, "error: " + entry["error"][:60], "", "", "", "", "", ""))
+            continue
+        reference = w.get("sd15_512" if name == "sd15_offload" else "sdxl_1024", {}).get("genfill_e2e_s")
+        ratio = entry["genfill_e2e_s"]["median"] / reference["median"] if reference and reference.get("n") else None
+        fits = entry["peak_reserved_gb_genfill"] <= entry["memory_cap_gb"]
+        rows.append((
+            f"{name} (cap {entry['memory_cap_gb']} GiB)", "-", t(entry["genfill_e2e_s"]), t(entry["genfill_engine_s"]),
+            f"{entry['overhead_s']['median']:.3f}s {100 * entry['overhead_fraction']:.1f}%",
+            "" if ratio is None else f"{ratio:.2f}x no-offload",
+            f"graphs {'off' if not entry['graph_replays'] else 'ON'}, {'fits' if fits else 'OVER'}",
+            f"- / {entry['peak_gb_genfill']} (reserved {entry['peak_reserved_gb_genfill']})",
+        ))
     if "canvas" in w and "error" in w["canvas"]:
         rows.append(("canvas", "error: " + w["canvas"]["error"][:60], "", "", "", "", "", ""))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
@@ -1179,13 +1293,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--workloads", default=None,
         help="comma-separated subset of unet_step_sd15, sd15_512, concurrent_8, canvas, sd15_512_nopreview, "
-        "unet_step_sdxl, sdxl_1024, sd15_controlnet_512",
+        "unet_step_sdxl, sdxl_1024, sd15_controlnet_512, sd15_offload, sdxl_offload",
     )
     parser.add_argument(
         "--budget-s", type=float, default=None,
         help="skip the workloads not yet started once this many seconds have passed (default: no limit)",
     )
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--offload", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--memory-cap-gb", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--timings", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     _quiet_libraries()
