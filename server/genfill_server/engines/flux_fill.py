@@ -26,7 +26,8 @@ class FluxFillEngine(FlowFillEngine):
         dtype: ``None`` means bf16 on CUDA; the CPU always runs fp32.
         offload: model CPU offload, CUDA only.
         name: the engine name the server announces.
-        native_size: Flux has no native size in its config; 1024 (about one megapixel).
+        native_size: ``None`` reads the VAE config's ``sample_size`` (1024 for FLUX.1 Fill,
+            about one megapixel); the transformer config names none.
         max_sequence_length: T5 tokens of the prompt (512 for FLUX.1-dev Fill).
 
     Defaults: 28 steps, guidance 30, strength 1.0 in every mode.
@@ -44,14 +45,14 @@ class FluxFillEngine(FlowFillEngine):
         dtype=None,
         offload=False,
         name="flux_fill",
-        native_size=1024,
+        native_size=None,
         max_sequence_length: int = 512,
     ):
         super().__init__(pipeline_factory, device=device, dtype=dtype, offload=offload, name=name, native_size=native_size)
         self.max_sequence_length = max_sequence_length
 
     def _model_native_size(self) -> int:
-        return 1024
+        return int(getattr(self.pipeline.vae.config, "sample_size", None) or 1024)
 
     @property
     def size_multiple(self) -> int:
