@@ -157,7 +157,7 @@ def test_fair_take_serves_clients_in_rotation_and_keeps_their_order():
     assert len(queue) == 1 and asyncio.run(queue.get()).job_id == "c1"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.gpu
 @pytest.mark.parametrize("builder", ["tiny_sd15_inpaint", "tiny_sdxl_inpaint"])
 def test_cuda_graph_step_gives_the_eager_pixels(builder):
     factory = functools.partial(getattr(tiny_models, builder))
