@@ -12,15 +12,18 @@ for health, ``Authorization: Bearer <token>`` must match, compared in constant t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from genfill import __version__
@@ -477,18 +480,34 @@ class GenfillServer:
     # Workers
 
     async def _worker(self, device: str) -> None:
-        while True:
-            job = await self.queue.get()
-            if job.cancel_requested.is_set():
-                self._finish(job, [Cancelled(job_id=job.job_id).model_dump_json()])
-                continue
-            job.state = "running"
-            batch = await self._batch_mates(job, device) if self.config.batching else [job]
-            if len(batch) == 1:
-                frames = await self._run(job, device)
-                self._finish(job, frames)
-            else:
-                await self._run_batch(batch, device)
+        # The answers of the last engine batch (colour match, layers, frames) are made while
+        # the worker takes and runs the next one; at most one batch is being answered at a
+        # time, so answers keep their order and what waits for them stays bounded.
+        answering: asyncio.Task | None = None
+        try:
+            while True:
+                job = await self.queue.get()
+                if job.cancel_requested.is_set():
+                    self._finish(job, [Cancelled(job_id=job.job_id).model_dump_json()])
+                    continue
+                job.state = "running"
+                batch = await self._batch_mates(job, device) if self.config.batching else [job]
+                if len(batch) == 1:
+                    frames = await self._run(job, device)
+                    if answering is not None:
+                        await answering
+                        answering = None
+                    self._finish(job, frames)
+                else:
+                    answers = await self._run_batch(batch, device)
+                    if answering is not None:
+                        await answering
+                    answering = asyncio.create_task(answers) if answers is not None else None
+        finally:
+            if answering is not None and not answering.done():
+                answering.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await answering
 
     def _batch_key(self, job: Job, engine) -> tuple | None:
         if job.batch_key_engine is not engine:
@@ -532,8 +551,10 @@ class GenfillServer:
             other.state = "running"
         return batch
 
-    async def _run_batch(self, jobs: list[Job], device: str) -> None:
-        """Runs jobs of one batch key in one engine batch; each gets its own answer."""
+    async def _run_batch(self, jobs: list[Job], device: str) -> Coroutine[Any, Any, None] | None:
+        """Runs jobs of one batch key in one engine batch. Returns what answers them (each
+        job is answered as soon as its own result is ready), for the worker to run while the
+        next batch starts; ``None`` when every job was answered already."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
@@ -541,7 +562,7 @@ class GenfillServer:
         except Exception as exc:  # noqa: BLE001 - as in _run
             for job in jobs:
                 self._finish(job, [self._engine_failure(job, exc)])
-            return
+            return None
 
         def prepare(job: Job):
             return prepare_fill(engine, job.request, job.canvas, job.selection, job.seeds, job.control_images)
@@ -554,14 +575,14 @@ class GenfillServer:
             else:
                 ready.append((job, item))
         if not ready:
-            return
+            return None
         on_steps = [self._step_callback(job, loop, answer_cancel=True) for job, _ in ready]
         try:
             outcomes = await asyncio.to_thread(engine.run_many, [item.job for _, item in ready], on_steps)
         except Exception as exc:  # noqa: BLE001 - every engine failure must reach the client as a code
             outcomes = [exc] * len(ready)
 
-        async def answer(job: Job, item, outcome) -> list[str | bytes]:
+        async def frames_of(job: Job, item, outcome) -> list[str | bytes]:
             if isinstance(outcome, BaseException):
                 return self._failure_frames(job, outcome)
             try:
@@ -570,10 +591,20 @@ class GenfillServer:
             except Exception as exc:  # noqa: BLE001
                 return self._failure_frames(job, exc)
 
-        answers = await asyncio.gather(*(answer(job, item, outcome) for (job, item), outcome in zip(ready, outcomes)))
-        for (job, _), frames in zip(ready, answers):
+        async def answer(job: Job, item, outcome) -> None:
+            frames = await frames_of(job, item, outcome)
             if job.state != "finished":  # a cancelled job was answered at once
                 self._finish(job, frames)
+
+        async def answer_all() -> None:
+            done = await asyncio.gather(
+                *(answer(job, item, outcome) for (job, item), outcome in zip(ready, outcomes)), return_exceptions=True
+            )
+            for (job, _), failure in zip(ready, done):
+                if isinstance(failure, Exception):
+                    logger.error("answering job %s failed", job.job_id, exc_info=failure)
+
+        return answer_all()
 
     def _failure_frames(self, job: Job, exc: BaseException) -> list[str | bytes]:
         if isinstance(exc, JobCancelledError):

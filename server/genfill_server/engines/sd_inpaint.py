@@ -40,9 +40,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -114,6 +116,15 @@ DEFAULTS = {
 
 _BATCHED_ENCODE_PIXELS = 768 * 768
 """Images up to this many pixels and their masked copies are VAE-encoded as one batch."""
+
+_BATCHED_ENCODE_ROWS = 16
+"""The most images one encoder call takes when ``run_many`` encodes several jobs together."""
+
+_BATCHED_DECODE_LATENT_PIXELS = 8 * 64 * 64
+"""``run_many`` decodes every job's latents in one decoder call up to this many latent
+pixels in all (eight 512x512 images at SD's factor of 8); larger batches decode job by job."""
+
+_PREFILL_POOL = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="genfill-prefill")
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -324,13 +335,11 @@ class SDInpaintEngine:
         parts: list[tuple[int, _Part]] = []
         with torch.inference_mode():
             try:
-                for index, (job, on_step) in enumerate(zip(jobs, on_steps)):
-                    try:
-                        if self.batch_key(np.shape(job.image)[:2], job.options) is None:
-                            raise ValueError("jobs with control inputs run alone")
-                        parts.append((index, _Part(self._prepare_job(job), self._seeds(job), on_step)))
-                    except (EngineError, ValueError) as exc:
-                        outcomes[index] = exc
+                for index, prepared in enumerate(self._prepare_jobs(jobs)):
+                    if isinstance(prepared, BaseException):
+                        outcomes[index] = prepared
+                    else:
+                        parts.append((index, _Part(prepared, self._seeds(jobs[index]), on_steps[index])))
                 keys = {part.batch.batch_key() for _, part in parts}
                 if len(keys) > 1:
                     raise ValueError("run_many needs jobs of one batch key")
@@ -402,7 +411,70 @@ class SDInpaintEngine:
         prefilled = prefill(image, np.asarray(job.selection), mode)
         return self._prepare(job, prefilled, job.options, mode)
 
-    def _prepare(self, job: EngineJob, prefilled: np.ndarray, options: dict, mode: str) -> _Batch:
+    def _prepare_jobs(self, jobs: Sequence[EngineJob]) -> list[_Batch | BaseException]:
+        """``_prepare_job`` for each job of a ``run_many`` batch, or the request error that
+        ends it. The pre-fills (numpy) run side by side on helper threads, and the images
+        of small jobs go through the VAE encoder in one batch instead of one call a job,
+        so the device waits for neither."""
+        outcomes: list[_Batch | BaseException | None] = [None] * len(jobs)
+        pending: list[tuple[int, EngineJob, str, Future]] = []
+        for index, job in enumerate(jobs):
+            try:
+                if self.batch_key(np.shape(job.image)[:2], job.options) is None:
+                    raise ValueError("jobs with control inputs run alone")
+                self._seeds(job)
+                image = np.ascontiguousarray(job.image[:, :, :3])
+                factor = self.vae_scale_factor
+                if image.shape[0] % factor or image.shape[1] % factor:
+                    raise ValueError(f"image size {image.shape[1]}x{image.shape[0]} is not a multiple of {factor}")
+                scheduler_name = str(job.options.get("scheduler") or self.defaults.scheduler)
+                if scheduler_name not in SCHEDULERS:
+                    make_scheduler(scheduler_name, None)  # raises the request error
+                mode = str(job.options.get("mode") or "fill")
+                pending.append((index, job, mode, _PREFILL_POOL.submit(prefill, image, np.asarray(job.selection), mode)))
+            except (EngineError, ValueError) as exc:
+                outcomes[index] = exc
+        ready: list[tuple[int, EngineJob, str, np.ndarray]] = []
+        for index, job, mode, future in pending:
+            try:
+                ready.append((index, job, mode, future.result()))
+            except (EngineError, ValueError) as exc:
+                outcomes[index] = exc
+        latents: dict[int, torch.Tensor] = {}
+        small = [item for item in ready if item[3].shape[0] * item[3].shape[1] <= _BATCHED_ENCODE_PIXELS]
+        if len(small) > 1:
+            latents = self._encode_many([(job, prefilled) for _, job, _, prefilled in small])
+            latents = {small[i][0]: value for i, value in latents.items()}
+        for index, job, mode, prefilled in ready:
+            try:
+                outcomes[index] = self._prepare(job, prefilled, job.options, mode, encoded=latents.get(index))
+            except (EngineError, ValueError) as exc:
+                outcomes[index] = exc
+        return [outcome for outcome in outcomes]  # type: ignore[misc]
+
+    def _encode_many(self, items: list[tuple[EngineJob, np.ndarray]]) -> dict[int, torch.Tensor]:
+        """VAE latents of several same-size jobs in one encoder call (``_BATCHED_ENCODE_ROWS``
+        images at most a call): per job ``(1 or 2, C, h, w)``, its image and, for inpainting
+        models, its masked image, as ``_prepare`` would encode them one job at a time."""
+        device = self._exec_device
+        inpaint = self.is_inpaint_model
+        rows: list[torch.Tensor] = []
+        for job, prefilled in items:
+            pixels = _to_pixels(prefilled, device)
+            rows.append(pixels)
+            if inpaint:
+                mask_px = torch.from_numpy(np.asarray(job.denoise_mask, dtype=np.float32) / 255.0)[None, None].to(device)
+                rows.append(pixels * (1 - (mask_px >= 0.5).to(pixels.dtype)))
+        per_job = 2 if inpaint else 1
+        encoded = torch.cat([
+            self._encode(torch.cat(rows[start : start + _BATCHED_ENCODE_ROWS]))
+            for start in range(0, len(rows), _BATCHED_ENCODE_ROWS)
+        ])
+        return {i: encoded[i * per_job : (i + 1) * per_job] for i in range(len(items))}
+
+    def _prepare(
+        self, job: EngineJob, prefilled: np.ndarray, options: dict, mode: str, encoded: torch.Tensor | None = None
+    ) -> _Batch:
         defaults = self.defaults
         steps = int(options.get("steps") or defaults.steps)
         guidance = defaults.guidance if options.get("guidance") is None else float(options["guidance"])
@@ -411,7 +483,7 @@ class SDInpaintEngine:
         if scheduler_name not in SCHEDULERS:
             make_scheduler(scheduler_name, None)  # raises the request error
         device = self._exec_device
-        pixels = _to_pixels(prefilled, device)
+        pixels = _to_pixels(prefilled, device) if encoded is None else None
         mask_host = torch.from_numpy(np.asarray(job.denoise_mask, dtype=np.float32) / 255.0)[None, None]
         mask_px = mask_host.to(device)
         inpaint = self.is_inpaint_model
@@ -419,15 +491,17 @@ class SDInpaintEngine:
             # As the model was trained: a hard mask, and the image with the masked part blanked.
             # Small images go through the VAE in one batch; large ones one at a time, where the
             # encoder's activations, not its launches, are what counts.
-            hard = (mask_px >= 0.5).to(pixels.dtype)
-            if pixels.shape[-1] * pixels.shape[-2] <= _BATCHED_ENCODE_PIXELS:
+            hard = (mask_px >= 0.5).to(torch.float32)
+            if encoded is not None:
+                x0, masked_latents = encoded[:1], encoded[1:]
+            elif pixels.shape[-1] * pixels.shape[-2] <= _BATCHED_ENCODE_PIXELS:
                 both = self._encode(torch.cat([pixels, pixels * (1 - hard)]))
                 x0, masked_latents = both[:1], both[1:]
             else:
                 x0 = self._encode(pixels)
                 masked_latents = self._encode(pixels * (1 - hard))
         else:
-            x0 = self._encode(pixels)
+            x0 = encoded if encoded is not None else self._encode(pixels)
         latent_size = x0.shape[-2:]
         m = torch.nn.functional.interpolate(mask_px, size=latent_size, mode="area").to(x0.dtype)
         # The same numbers on the CPU, so the loop decides which cells take part without a sync.
@@ -649,8 +723,21 @@ class SDInpaintEngine:
                     return
             keep = (m > 0).to(latents.dtype)
             latents = keep * latents + (1 - keep) * x0
-            for index in live:
-                parts[index].images = self._decode(latents[offsets[index] : offsets[index + 1]])
+            live_rows = sum(counts[index] for index in live)
+            if len(live) > 1 and live_rows * latents.shape[-1] * latents.shape[-2] <= _BATCHED_DECODE_LATENT_PIXELS:
+                # One decoder call and one copy to the host for every job of the batch.
+                if len(live) == len(parts):
+                    images = self._decode(latents)
+                else:
+                    rows_of = [torch.arange(offsets[index], offsets[index + 1]) for index in live]
+                    images = self._decode(latents[torch.cat(rows_of).to(latents.device)])
+                start = 0
+                for index in live:
+                    parts[index].images = images[start : start + counts[index]]
+                    start += counts[index]
+            else:
+                for index in live:
+                    parts[index].images = self._decode(latents[offsets[index] : offsets[index + 1]])
         finally:
             del latents, noise
 
