@@ -371,3 +371,21 @@ def test_stopping_the_server_tells_each_unfinished_job(client_factory):
                 assert caught.value.code == "shutting_down"
     finally:
         running.stop()
+
+
+def test_kept_results_for_retries_are_bounded_in_bytes(server):
+    # Each 2048x1024 result is 8 MiB of raw RGBA; only the newest few fit the replay budget.
+    canvas = brick_image(2048, 1024)
+    # Two small holes in opposite corners: a cheap fill whose box is the whole canvas.
+    mask = rect_mask(2048, 1024, (0, 0, 8, 8)) | rect_mask(2048, 1024, (2040, 1016, 8, 8))
+    with Client(server.url, token=server.token) as client:
+        for index in range(10):
+            client.fill(canvas[:64, :64], rect_mask(64, 64, (8, 8, 8, 8)), variations=1, job_id=f"small-{index}")
+        state = next(iter(server.server._clients.values()))
+        assert len(state.finished) == 10
+        for index in range(10):
+            result = client.fill(canvas, mask, variations=1, job_id=f"big-{index}")
+            assert result.arrays[0].shape == (1024, 2048, 4)
+        kept = sum(len(frame) for _, frames in state.finished.values() for frame in frames)
+        assert kept <= 64 * 2**20
+        assert "big-9" in state.finished and "small-0" not in state.finished

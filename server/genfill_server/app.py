@@ -71,6 +71,8 @@ logger = logging.getLogger("genfill.server")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 _PREVIEW_EVERY_S = 0.25
 _FINISHED_JOBS_KEPT = 16
+# Replays answer a retried job id; past this many bytes of kept results the oldest go first.
+_FINISHED_BYTES_KEPT = 64 * 2**20
 
 
 @dataclass
@@ -622,7 +624,10 @@ class GenfillServer:
         client.jobs.pop(job.job_id, None)
         if isinstance(frames[-1], str) and '"type":"result"' in frames[-1]:
             client.finished[job.job_id] = (job.submit.model_dump_json(exclude={"previews"}), frames)
-            while len(client.finished) > _FINISHED_JOBS_KEPT:
+            while len(client.finished) > 1 and (
+                len(client.finished) > _FINISHED_JOBS_KEPT
+                or sum(len(frame) for _, kept in client.finished.values() for frame in kept) > _FINISHED_BYTES_KEPT
+            ):
                 client.finished.popitem(last=False)
 
     def _step_callback(self, job: Job, loop: asyncio.AbstractEventLoop, *, answer_cancel: bool = False):
