@@ -438,3 +438,24 @@ def test_catalogue_lists_the_servers_engines(server):
     catalogue = gb.fetch_catalogue(_settings(server))
     assert catalogue["default_engine"] in [engine["name"] for engine in catalogue["engines"]]
     assert p.Limits(**catalogue["limits"]).max_variations >= 1
+
+
+@pytest.mark.parametrize(
+    "environment",
+    [
+        {},
+        {"XDG_STATE_HOME": "/tmp/somewhere-else"},
+        {"GENFILL_STATE_FILE": "/tmp/explicit/server.json"},
+    ],
+)
+def test_bridge_finds_the_state_file_where_the_server_writes_it(monkeypatch, environment):
+    # The bridge keeps its own stdlib copy of the path rules (editors have no pydantic); it
+    # must not drift from the SDK's, which the server uses to write the file.
+    from genfill.state import default_state_path
+    from genfill_bridge import settings
+
+    for name in ("XDG_STATE_HOME", "GENFILL_STATE_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert settings.default_state_path() == default_state_path()

@@ -333,6 +333,23 @@ def tiny_sdxl_controlnet(seed: int = 0) -> ControlNetModel:
     return _ready(controlnet)
 
 
+def _flow_vae(latent_channels: int) -> AutoencoderKL:
+    """The one-block VAE (scale 1) of the tiny SD3 and Flux pipelines; seed torch first."""
+    return AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
 def tiny_sd3_inpaint(seed: int = 0) -> StableDiffusion3InpaintPipeline:
     """An SD3-shaped inpainting pipeline: MMDiT transformer, two CLIP encoders and T5."""
     torch.manual_seed(seed)
@@ -353,19 +370,7 @@ def tiny_sd3_inpaint(seed: int = 0) -> StableDiffusion3InpaintPipeline:
     torch.manual_seed(seed + 1)
     text_encoder_2 = CLIPTextModelWithProjection(clip_text_config())
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(4,),
-        layers_per_block=1,
-        latent_channels=16,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = _flow_vae(latent_channels=16)
     pipe = StableDiffusion3InpaintPipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
@@ -401,19 +406,7 @@ def tiny_flux_fill(seed: int = 0) -> FluxFillPipeline:
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(clip_text_config())
     torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        sample_size=32,
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(4,),
-        layers_per_block=1,
-        latent_channels=2,
-        norm_num_groups=1,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-        shift_factor=0.0609,
-        scaling_factor=1.5035,
-    )
+    vae = _flow_vae(latent_channels=2)
     pipe = FluxFillPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(),
         vae=vae,

@@ -29,10 +29,11 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
 
 PROTOCOL_VERSION = 1
 
+JOB_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 ImageId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the payload, hex")]
 JobId = Annotated[
     str,
-    Field(pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="chosen by the client, unique per client"),
+    Field(pattern=JOB_ID_PATTERN, description="chosen by the client, unique per client"),
 ]
 MAX_SEED = 2**32 - 1
 
@@ -413,7 +414,7 @@ def decode_frame(frame: bytes | bytearray | memoryview) -> tuple[FrameHeader, me
     return FrameHeader(fmt, width, height, digest.hex()), payload
 
 
-_JOB_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_JOB_ID = re.compile(JOB_ID_PATTERN)
 
 
 def is_valid_job_id(value: object) -> bool:

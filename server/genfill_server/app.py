@@ -16,6 +16,7 @@ import contextlib
 import hmac
 import json
 import logging
+import os
 import secrets
 import time
 from collections import OrderedDict
@@ -210,7 +211,7 @@ class GenfillServer:
             self._workers.append(asyncio.create_task(self._worker(device), name=f"genfill-worker-{device}"))
         if config.write_state_file:
             self._state_path = write_state(
-                ServerState(url=self.url, token=self.token, pid=_pid(), version=__version__), config.state_file
+                ServerState(url=self.url, token=self.token, pid=os.getpid(), version=__version__), config.state_file
             )
         logger.info("genfill %s listening on %s", __version__, self.url)
 
@@ -705,12 +706,6 @@ class GenfillServer:
         return Error(
             code=ErrorCode.ENGINE_FAILED, message=f"the {job.engine_name} engine failed on this job", job_id=job.job_id
         ).model_dump_json()
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
 
 
 def _job_id_of(data: str | bytes) -> str | None:

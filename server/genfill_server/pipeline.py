@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from genfill import fill
 from genfill.fill import Box, Size
+from genfill.images import to_mask
 from genfill.protocol import ErrorCode, FillRequest, Mode
 
 from .engines.base import Engine, EngineJob, StepCallback
@@ -67,7 +68,7 @@ def prepare_canvas(
     if mask is None:
         raise RequestError(ErrorCode.INVALID_REQUEST, f"mode '{request.mode}' needs a mask")
     if mask.ndim == 3:
-        mask = mask[:, :, 3] if np.all(mask[:, :, :3] == mask[:1, :1, :3]) else mask[:, :, 0]
+        mask = to_mask(mask)
     if mask.shape != image.shape[:2]:
         raise RequestError(
             ErrorCode.SIZE_MISMATCH,
