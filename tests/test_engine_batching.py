@@ -157,6 +157,82 @@ def test_fair_take_serves_clients_in_rotation_and_keeps_their_order():
     assert len(queue) == 1 and asyncio.run(queue.get()).job_id == "c1"
 
 
+def _eager_compiler(function):
+    # Dynamo's tracing without Inductor's code generation: the background compile, adoption
+    # and fallback run as on a GPU, in seconds, on the CPU.
+    return torch.compile(function, backend="eager", dynamic=False)
+
+
+def test_background_compile_takes_over_between_calls():
+    runner = GraphedStep(lambda x, y: x * 2 + y, enabled=False, compiler=_eager_compiler)
+    x, y = torch.randn(3, 5), torch.randn(3, 5)
+    first = runner(x, y)
+    assert runner.wait_compiled(timeout_s=120)
+    assert runner.compiled_calls == 0  # compiled, but not adopted yet
+    assert runner.adopt_compiled() == 1
+    assert torch.equal(runner(x, y), first) and runner.compiled_calls == 1
+    runner(torch.randn(4, 5), torch.randn(4, 5))  # a new shape runs plainly and starts its own compile
+    assert runner.eager_calls == 2 and runner.wait_compiled(timeout_s=120)
+    assert runner.adopt_compiled() == 1
+    runner.clear()
+    runner(x, y)
+    assert runner.compiled_calls == 1 and runner.eager_calls == 3  # forgotten by clear()
+
+
+def test_a_failing_compiler_leaves_the_plain_step_serving():
+    def broken(function):
+        raise RuntimeError("no compiler on this machine")
+
+    runner = GraphedStep(lambda x: x + 1, enabled=False, compiler=broken)
+    x = torch.zeros(2)
+    assert torch.equal(runner(x), x + 1)
+    assert runner.wait_compiled(timeout_s=30) and runner.compile_failures == 1
+    assert runner.adopt_compiled() == 0
+    assert torch.equal(runner(torch.zeros(3)), torch.ones(3))  # no further compile attempts
+    assert runner.wait_compiled(timeout_s=30) and runner.compile_failures == 1
+
+
+def test_engine_adopts_its_compiled_unet_and_vae_between_jobs():
+    plain = SDInpaintEngine(functools.partial(tiny_models.tiny_sd15_inpaint, vae_attention=False), compiler=None)
+    compiled = SDInpaintEngine(
+        functools.partial(tiny_models.tiny_sd15_inpaint, vae_attention=False), compiler=_eager_compiler
+    )
+    plain.load()
+    compiled.load()
+    # load() ran a warm-up job, which started compiling the native size's shapes.
+    assert all(runner.compiles_requested > 0 for runner in compiled.runners)
+    job = _job([5, 6])
+    reference = plain.run(job, _ignore)
+    compiled.run(job, _ignore)  # two variations: new shapes, compiled from here on
+    assert compiled.wait_compiled(timeout_s=300)
+    calls_before = [runner.compiled_calls for runner in compiled.runners]
+    result = compiled.run(job, _ignore)
+    assert all(runner.compiled_calls > calls for runner, calls in zip(compiled.runners, calls_before))
+    for x, y in zip(reference, result):
+        assert np.abs(x.astype(int) - y.astype(int)).max() <= 2
+    compiled.close()
+    assert all(runner.compiles_pending == 0 and runner.graph_count == 0 for runner in compiled.runners)
+
+
+@pytest.mark.gpu
+def test_inductor_compiled_steps_give_the_plain_pixels():
+    factory = functools.partial(tiny_models.tiny_sd15_inpaint, vae_attention=False)
+    eager = SDInpaintEngine(factory, device="cuda", cuda_graphs=False)
+    fast = SDInpaintEngine(factory, device="cuda", cuda_graphs=True)  # compiler "auto": Inductor
+    eager.load()
+    fast.load()  # warms up at the native size and starts compiling
+    assert fast.step_runner.compiler is not None
+    job = _job([21, 22])
+    fast.run(job, _ignore)  # this job's shapes start compiling too
+    assert fast.wait_compiled(timeout_s=600)
+    for runner in fast.runners:
+        assert runner.compile_failures == 0
+    compiled = fast.run(job, _ignore)
+    assert fast.step_runner.compiled_calls >= 3 and fast.decode_runner.compiled_calls >= 1
+    for x, y in zip(eager.run(job, _ignore), compiled):
+        assert np.abs(x.astype(int) - y.astype(int)).max() <= 2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("builder", ["tiny_sd15_inpaint", "tiny_sdxl_inpaint"])
 def test_cuda_graph_step_gives_the_eager_pixels(builder):

@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--offload", action="store_true", help="model CPU offload, for GPUs too small for a whole pipeline")
     serve.add_argument(
+        "--no-compile", action="store_true",
+        help="don't compile the diffusion models per shape in the background (as GENFILL_COMPILE=0)",
+    )
+    serve.add_argument(
         "--default-engine", default=None,
         help="engine for requests naming no engine or model (default: classic, which needs no weights)",
     )
@@ -102,6 +106,8 @@ def _serve(args: argparse.Namespace) -> int:
     # Serving never downloads: every load below is local_files_only, and this makes any
     # library call that would still try the Hub fail at once instead.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.no_compile:
+        os.environ["GENFILL_COMPILE"] = "0"
     from .engines import default_engines
 
     try:

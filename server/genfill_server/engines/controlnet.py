@@ -191,8 +191,12 @@ class ControlNetEngine(SDInpaintEngine):
             A request for a type without an entry fails with ``weights_not_installed``.
         annotators_dir: a local folder with ``lllyasviel/Annotators`` files for the
             preprocessors that need weights; the local HF cache is searched too.
-        device, dtype, offload, name, native_size, max_batch: as ``SDInpaintEngine``.
+        device, dtype, offload, name, native_size, max_batch, compiler: as ``SDInpaintEngine``.
     """
+
+    # Its jobs carry control inputs whose residuals change the step's shape: they compile
+    # on first use rather than at load.
+    _warm_up_at_load = False
 
     def __init__(
         self,
@@ -206,10 +210,11 @@ class ControlNetEngine(SDInpaintEngine):
         native_size: int | None = None,
         max_batch: int | None = None,
         annotators_dir: str | os.PathLike | None = None,
+        compiler: Callable[[Callable[..., Any]], Callable[..., Any]] | None | str = "auto",
     ) -> None:
         super().__init__(
             pipeline_factory, device=device, dtype=dtype, offload=offload, name=name,
-            native_size=native_size, max_batch=max_batch,
+            native_size=native_size, max_batch=max_batch, compiler=compiler,
         )
         self._controlnet_factories = dict(controlnets)
         self._controlnets: dict[str, Any] = {}

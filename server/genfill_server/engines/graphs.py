@@ -13,6 +13,18 @@ Rules for a function to be captured: it takes tensors (in tuples, lists and dict
 pytrees) and plain constants; it makes no host synchronisation (``.item()``, ``bool(t)``)
 and no data-dependent control flow; it returns tensors. Outputs are cloned after each replay,
 so a caller may keep them across calls.
+
+**Compiled steps.** Given a ``compiler`` (``compiler_for(device)``: TorchInductor on a CUDA
+device with Triton), each new signature is also compiled, on one background thread shared by
+the process, from a copy of its first inputs. Compiling takes tens of seconds per shape (an
+SD1.5 step at 512x512: 52 s cold, 6 s from Inductor's on-disk cache; SDXL 92 s), so jobs never
+wait for it: they use the plain graph meanwhile. Once a signature is compiled, the caller's
+next ``adopt_compiled()`` (the engines call it between jobs, so a job runs one function
+throughout) switches that signature to a graph of the compiled function, which is faster
+because Inductor fuses the normalisations and pointwise work between the matrix kernels (an
+SD1.5 step 12.0 -> 7.1 ms, SDXL 42 -> 32 ms, the SD VAE decoder 21 -> 7 ms on an H200). A
+failed compile leaves the plain graph in use for good; ``GENFILL_COMPILE=0`` turns compiling
+off. Compiled and plain steps agree to fp16 rounding (relative difference about 2e-3).
 """
 
 from __future__ import annotations
@@ -23,7 +35,9 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,17 +45,56 @@ from torch.utils import _pytree as pytree
 
 logger = logging.getLogger("genfill.engines.graphs")
 
-__all__ = ["GraphedStep", "graphs_enabled", "signature"]
+__all__ = ["GraphedStep", "compiler_for", "graphs_enabled", "signature"]
 
 _WARMUP_CALLS = 2
+
+# One thread compiles for the whole process: compiling is CPU-bound (tracing, code
+# generation; Inductor compiles its kernels in worker processes of its own) and would only
+# slow the server's other threads if run several at a time.
+_COMPILE_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genfill-compile")
+
+
+def _switched_off(variable: str) -> bool:
+    return os.environ.get(variable, "1").strip().lower() in ("0", "false", "no", "off")
 
 
 def graphs_enabled(device: str) -> bool:
     """Whether CUDA graphs are used on ``device``: CUDA, and not turned off by
     ``GENFILL_CUDA_GRAPHS=0``."""
-    if os.environ.get("GENFILL_CUDA_GRAPHS", "1").strip().lower() in ("0", "false", "no", "off"):
+    if _switched_off("GENFILL_CUDA_GRAPHS"):
         return False
     return str(device).startswith("cuda") and torch.cuda.is_available()
+
+
+def compiler_for(device: str) -> Callable[[Callable[..., Any]], Callable[..., Any]] | None:
+    """The compiler a ``GraphedStep`` on ``device`` uses: TorchInductor, one specialisation per
+    shape, where CUDA graphs are used and Triton is installed; ``None`` elsewhere (the CPU,
+    ``GENFILL_COMPILE=0``). Inductor's cache goes to ``$GENFILL_CACHE_DIR/inductor`` (default
+    ``~/.cache/genfill/inductor``) unless ``TORCHINDUCTOR_CACHE_DIR`` says otherwise, so a
+    restarted server compiles the shapes it has seen in seconds."""
+    if _switched_off("GENFILL_COMPILE") or not graphs_enabled(device):
+        return None
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return None
+    if not has_triton():
+        return None
+    cache_root = os.environ.get("GENFILL_CACHE_DIR") or str(Path.home() / ".cache" / "genfill")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(cache_root) / "inductor"))
+    import torch._dynamo
+
+    # One compiled specialisation per working size and batch; the default limit (8) would
+    # leave a long-running server's later shapes uncompiled.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+
+    def inductor(function: Callable[..., Any]) -> Callable[..., Any]:
+        return torch.compile(function, dynamic=False)
+
+    return inductor
 
 
 def signature(args: Any) -> tuple:
@@ -63,6 +116,7 @@ class _Captured:
     inputs: list[torch.Tensor | None]  # a static buffer per tensor leaf, None for constants
     outputs: Any  # the static outputs, as the function returned them
     seconds: float
+    compiled: bool = False
 
 
 class GraphedStep:
@@ -71,35 +125,69 @@ class GraphedStep:
     Args:
         function: the step; see the module's rules.
         enabled: capture graphs (``graphs_enabled(device)``); ``False`` always runs eagerly.
+        compiler: makes a faster equivalent of ``function`` (``compiler_for(device)``), built
+            per signature in the background and used after ``adopt_compiled()``; ``None``
+            compiles nothing.
         max_graphs: graphs kept, least recently used dropped first. They share one memory
             pool, so memory grows with the largest, not with their number.
+        name: what the log calls this step.
     """
 
-    def __init__(self, function: Callable[..., Any], *, enabled: bool, max_graphs: int = 12) -> None:
+    def __init__(
+        self,
+        function: Callable[..., Any],
+        *,
+        enabled: bool,
+        compiler: Callable[[Callable[..., Any]], Callable[..., Any]] | None = None,
+        max_graphs: int = 12,
+        name: str = "step",
+    ) -> None:
         self.function = function
         self.enabled = enabled
+        self.compiler = compiler
         self.max_graphs = max_graphs
+        self.name = name
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self._pool = None
         self._lock = threading.Lock()
+        # Held while anything of this step is captured or compiled, so that a capture never
+        # overlaps the background compile's first run (which launches and times kernels).
+        self._device_lock = threading.Lock()
+        self._compiled_function: Callable[..., Any] | None = None
+        self._requested: set[tuple] = set()
+        self._compiled: set[tuple] = set()  # compiled, not yet adopted
+        self._adopted: set[tuple] = set()
+        self._failed: set[tuple] = set()
+        self._generation = 0
         self.captures = 0
         self.replays = 0
         self.eager_calls = 0
+        self.compiled_calls = 0  # replays or calls of the compiled function
+        self.compile_failures = 0
 
     def __call__(self, *args: Any) -> Any:
-        if not self.enabled:
+        key = signature(args) if self.enabled or self.compiler is not None else None
+        if self.enabled:
+            result = self._replay(key, args)
+        elif key in self._adopted:
+            self.compiled_calls += 1
+            result = self._compiled_function(*args)
+        else:
             self.eager_calls += 1
-            return self.function(*args)
-        key = signature(args)
+            result = self.function(*args)
+        # After the call: the plain graph of a new signature is captured before its compile
+        # starts and holds the device.
+        if self.compiler is not None and key not in self._requested:
+            self._request_compile(key, args)
+        return result
+
+    def _replay(self, key: tuple, args: Any) -> Any:
         with self._lock:
             captured = self._graphs.get(key)
-            if captured is None:
-                try:
-                    captured = self._capture(args)
-                except Exception:  # noqa: BLE001 - an uncapturable step still runs, eagerly
-                    logger.warning("CUDA graph capture failed; this engine runs its steps eagerly", exc_info=True)
-                    self.enabled = False
-                    self.clear()
+            use_compiled = key in self._adopted
+            if captured is None or (use_compiled and not captured.compiled):
+                captured = self._capture_or_none(key, args, compiled=use_compiled) or captured
+                if captured is None:
                     self.eager_calls += 1
                     return self.function(*args)
                 self._graphs[key] = captured
@@ -113,18 +201,131 @@ class GraphedStep:
                     buffer.copy_(leaf, non_blocking=True)
             captured.graph.replay()
             self.replays += 1
+            if captured.compiled:
+                self.compiled_calls += 1
             return pytree.tree_map(_clone_tensor, captured.outputs)
 
+    def _capture_or_none(self, key: tuple, args: Any, *, compiled: bool) -> _Captured | None:
+        """A new graph for ``key``, or ``None`` where this call runs without one: the
+        background compile holds the device (capture on a later call), or capture failed."""
+        if not self._device_lock.acquire(blocking=False):
+            return None
+        try:
+            return self._capture(args, compiled=compiled)
+        except Exception:  # noqa: BLE001 - an uncapturable step still runs
+            if compiled:
+                logger.warning("capturing the compiled %s failed; using the plain one", self.name, exc_info=True)
+                self._adopted.discard(key)
+                self._failed.add(key)
+                self.compile_failures += 1
+                return None
+            logger.warning("CUDA graph capture failed; this engine runs its steps eagerly", exc_info=True)
+            self.enabled = False
+            self._graphs.clear()
+            self._pool = None
+            return None
+        finally:
+            self._device_lock.release()
+
+    def adopt_compiled(self) -> int:
+        """Switches the signatures compiled since the last call to their compiled function;
+        returns how many. Call it where a change of function is harmless (between jobs)."""
+        with self._lock:
+            fresh = self._compiled - self._adopted
+            self._adopted |= fresh
+            return len(fresh)
+
+    def wait_compiled(self, timeout_s: float | None = None) -> bool:
+        """Blocks until every compile requested so far has finished (or failed); ``False``
+        if ``timeout_s`` passed first."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while self.compiles_pending:
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    @property
+    def compiles_requested(self) -> int:
+        with self._lock:
+            return len(self._requested)
+
+    @property
+    def compiles_pending(self) -> int:
+        with self._lock:
+            return len(self._requested - self._compiled - self._failed)
+
     def clear(self) -> None:
-        """Drops every graph and its memory."""
-        self._graphs.clear()
-        self._pool = None
+        """Drops every graph and its memory, and forgets compiled signatures (a compile in
+        flight is discarded when it ends)."""
+        with self._lock:
+            self._graphs.clear()
+            self._pool = None
+            self._generation += 1
+            self._requested.clear()
+            self._compiled.clear()
+            self._adopted.clear()
+            self._failed.clear()
+            self._compiled_function = None
 
     @property
     def graph_count(self) -> int:
         return len(self._graphs)
 
-    def _capture(self, args: Any) -> _Captured:
+    def _request_compile(self, key: tuple, args: Any) -> None:
+        with self._lock:
+            if key in self._requested:
+                return
+            self._requested.add(key)
+            if self.compile_failures:
+                # One failed compile means this step does not compile; don't retry per shape.
+                self._failed.add(key)
+                return
+            generation = self._generation
+        # The compile runs on a copy of this call's inputs: the caller may change its own.
+        leaves, spec = pytree.tree_flatten(args)
+        copies = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
+        ready = None
+        if any(isinstance(leaf, torch.Tensor) and leaf.is_cuda for leaf in leaves):
+            ready = torch.cuda.Event()
+            ready.record()
+        inference = torch.is_inference_mode_enabled()
+        _COMPILE_POOL.submit(self._compile, key, pytree.tree_unflatten(copies, spec), ready, inference, generation)
+
+    def _compile(self, key: tuple, args: Any, ready: Any, inference: bool, generation: int) -> None:
+        started = time.perf_counter()
+        try:
+            with self._lock:
+                if generation != self._generation:
+                    return
+                if self._compiled_function is None:
+                    self._compiled_function = self.compiler(self.function)
+                compiled = self._compiled_function
+            mode = torch.inference_mode() if inference else torch.no_grad()
+            with self._device_lock, mode:
+                if ready is not None:
+                    stream = torch.cuda.Stream()
+                    stream.wait_event(ready)
+                    with torch.cuda.stream(stream):
+                        compiled(*args)
+                    stream.synchronize()
+                else:
+                    compiled(*args)
+        except Exception:  # noqa: BLE001 - the plain step keeps serving
+            logger.warning("compiling the %s failed; it keeps running uncompiled", self.name, exc_info=True)
+            with self._lock:
+                if generation == self._generation:
+                    self.compile_failures += 1
+                    self._failed.add(key)
+            return
+        with self._lock:
+            if generation == self._generation:
+                self._compiled.add(key)
+        logger.info("compiled the %s for %s in %.1f s", self.name, _describe(pytree.tree_leaves(args)),
+                    time.perf_counter() - started)
+
+    def _capture(self, args: Any, *, compiled: bool = False) -> _Captured:
+        function = self._compiled_function if compiled else self.function
         started = time.perf_counter()
         leaves, spec = pytree.tree_flatten(args)
         inputs = [leaf.clone() if isinstance(leaf, torch.Tensor) else None for leaf in leaves]
@@ -137,18 +338,19 @@ class GraphedStep:
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(_WARMUP_CALLS):
-                self.function(*static_args)
+                function(*static_args)
         torch.cuda.current_stream().wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            outputs = self.function(*static_args)
+            outputs = function(*static_args)
         torch.cuda.synchronize()
         self.captures += 1
         seconds = time.perf_counter() - started
-        logger.info("captured a CUDA graph for %s in %.3f s", _describe(leaves), seconds)
-        return _Captured(graph, inputs, outputs, seconds)
+        logger.info("captured a CUDA graph of the %s%s for %s in %.3f s", "compiled " if compiled else "",
+                    self.name, _describe(leaves), seconds)
+        return _Captured(graph, inputs, outputs, seconds, compiled)
 
 
 def _clone_tensor(value: Any) -> Any:

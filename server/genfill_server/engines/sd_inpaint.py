@@ -23,7 +23,10 @@ the loop itself:
   loop stops at once (no further UNet call) and the tensors are freed.
 - **Speed on CUDA**: the UNet step (with the guidance combine) is captured as a CUDA graph per
   input shape (``graphs.GraphedStep``) and replayed, since an eager step is bound by Python's
-  kernel launch rate; the CPU runs the same step function eagerly. The loop makes no host
+  kernel launch rate; the CPU runs the same step function eagerly. The UNet step and the VAE
+  are also compiled by TorchInductor in the background, per shape, and the compiled versions
+  take over between jobs once ready; a freshly loaded engine runs one small job at its native
+  size so that the common shapes start compiling at once. The loop makes no host
   synchronisation except for previews. Prompt embeddings are cached per prompt.
 - **Several jobs in one batch**: ``run_many`` denoises jobs that share size, steps,
   scheduler, strength and guidance together (prompts, seeds, masks and images differ per
@@ -42,6 +45,7 @@ import inspect
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -53,7 +57,7 @@ import torch
 from genfill.protocol import ErrorCode
 
 from .base import EngineError, EngineJob, JobCancelledError, StepCallback
-from .graphs import GraphedStep, graphs_enabled
+from .graphs import GraphedStep, compiler_for, graphs_enabled
 from .latent_preview import preview_due, preview_rgb
 from .prefill import prefill
 
@@ -184,6 +188,9 @@ class SDInpaintEngine:
             A batch that runs out of GPU memory is retried in halves.
         cuda_graphs: capture the UNet step as CUDA graphs; ``None`` means on CUDA without
             offload, unless ``GENFILL_CUDA_GRAPHS=0``.
+        compiler: compiles the UNet step and the VAE per shape in the background
+            (``graphs.GraphedStep``); ``"auto"`` means TorchInductor where CUDA graphs are used
+            (``graphs.compiler_for``), ``None`` compiles nothing.
     """
 
     needs_colour_match = True
@@ -203,6 +210,7 @@ class SDInpaintEngine:
         native_size: int | None = None,
         max_batch: int | None = None,
         cuda_graphs: bool | None = None,
+        compiler: Callable[[Callable[..., Any]], Callable[..., Any]] | None | str = "auto",
     ) -> None:
         if offload and not str(device).startswith("cuda"):
             raise ValueError(f"offload needs a CUDA device, got {device!r}")
@@ -220,7 +228,14 @@ class SDInpaintEngine:
         self.pipeline: Any = None
         self.family = "sd15"
         use_graphs = graphs_enabled(self.device) and not offload if cuda_graphs is None else bool(cuda_graphs)
-        self.step_runner = GraphedStep(self._unet_step, enabled=use_graphs and graphs_enabled(self.device))
+        use_graphs = use_graphs and graphs_enabled(self.device)
+        if compiler == "auto":
+            compiler = compiler_for(self.device) if use_graphs else None
+        self.step_runner = GraphedStep(self._unet_step, enabled=use_graphs, compiler=compiler, name="UNet step")
+        # The VAE is bound by its convolutions, not by launches: compiled, but not graphed,
+        # which would keep its large activations reserved per shape.
+        self.encode_runner = GraphedStep(self._vae_encode, enabled=False, compiler=compiler, name="VAE encoder")
+        self.decode_runner = GraphedStep(self._vae_decode, enabled=False, compiler=compiler, name="VAE decoder")
         self._check_vae = False
         self._prompts: OrderedDict[tuple, tuple[torch.Tensor, dict[str, torch.Tensor] | None]] = OrderedDict()
         self._prompt_lock = threading.Lock()
@@ -245,10 +260,47 @@ class SDInpaintEngine:
         if self.native_size is None:
             self.native_size = int(pipe.unet.config.sample_size) * self.vae_scale_factor
         self._load_extra()
+        if self.step_runner.compiler is not None and self._warm_up_at_load:
+            self._warm_up()
+
+    _warm_up_at_load = True
+
+    @property
+    def runners(self) -> tuple[GraphedStep, ...]:
+        return (self.step_runner, self.encode_runner, self.decode_runner)
+
+    def _warm_up(self) -> None:
+        """One two-step job at the native size with the default guidance: captures the plain
+        graphs of the commonest shapes and starts compiling them in the background."""
+        size = int(self.native_size)
+        selection = np.zeros((size, size), np.uint8)
+        selection[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
+        image = np.full((size, size, 3), 128, np.uint8)
+        job = EngineJob(image, selection, selection, [0], {"steps": 2, "mode": "fill", "prompt": ""})
+        started = time.perf_counter()
+        self.run(job, lambda *_: None)
+        logger.info("%s warmed up at %dx%d in %.2f s; compiling in the background", self.name, size, size,
+                    time.perf_counter() - started)
+
+    def adopt_compiled(self) -> None:
+        """Lets the steps compiled since the last job take over; called between jobs."""
+        for runner in self.runners:
+            runner.adopt_compiled()
+
+    def wait_compiled(self, timeout_s: float | None = None) -> bool:
+        """Blocks until the background compiles requested so far have ended; ``False`` on
+        timeout. For benchmarks and tests: serving never waits for them."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        for runner in self.runners:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not runner.wait_compiled(left):
+                return False
+        return True
 
     def close(self) -> None:
         self.pipeline = None
-        self.step_runner.clear()
+        for runner in self.runners:
+            runner.clear()
         self._prompts.clear()
         self._close_extra()
         _empty_cache(self.device)
@@ -268,6 +320,7 @@ class SDInpaintEngine:
         """
         self._check_loaded()
         seeds = self._seeds(job)
+        self.adopt_compiled()
         with torch.inference_mode():
             try:
                 batch = self._prepare_job(job)
@@ -331,6 +384,7 @@ class SDInpaintEngine:
         A batch that runs out of GPU memory is retried one job at a time.
         """
         self._check_loaded()
+        self.adopt_compiled()
         outcomes: list[list[np.ndarray] | BaseException | None] = [None] * len(jobs)
         parts: list[tuple[int, _Part]] = []
         with torch.inference_mode():
@@ -528,9 +582,15 @@ class SDInpaintEngine:
             result = call(vae)
         return result
 
+    def _vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.pipeline.vae.encode(pixels).latent_dist.mean
+
+    def _vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.pipeline.vae.decode(latents).sample
+
     def _encode(self, pixels: torch.Tensor) -> torch.Tensor:
         vae_config = self.pipeline.vae.config
-        latents = self._vae(lambda vae: vae.encode(pixels.to(vae.dtype)).latent_dist.mean)
+        latents = self._vae(lambda vae: self.encode_runner(pixels.to(vae.dtype)))
         shift = getattr(vae_config, "shift_factor", None) or 0.0
         return ((latents - shift) * vae_config.scaling_factor).to(self.dtype)
 
@@ -538,7 +598,7 @@ class SDInpaintEngine:
         vae_config = self.pipeline.vae.config
         shift = getattr(vae_config, "shift_factor", None) or 0.0
         scaled = latents / vae_config.scaling_factor + shift
-        decoded = self._vae(lambda vae: vae.decode(scaled.to(vae.dtype)).sample)
+        decoded = self._vae(lambda vae: self.decode_runner(scaled.to(vae.dtype)))
         array = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         # Channels last on the device, so the host gets contiguous images in one copy.
         array = array.permute(0, 2, 3, 1).contiguous().cpu().numpy()
