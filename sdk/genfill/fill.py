@@ -644,6 +644,9 @@ _SRGB_DECODE = np.where(
 ).astype(np.float32)
 _STD_RATIO_RANGE = (0.5, 2.0)
 _MIN_KNOWN_PIXELS = 16
+_CHUNK_PIXELS = 1 << 14
+"""Colour conversions run on this many pixels at a time, so that their float32 temporaries
+(about 200 KB each) stay in a core's cache instead of streaming through memory."""
 
 
 class ColourTransform(NamedTuple):
@@ -653,6 +656,21 @@ class ColourTransform(NamedTuple):
     shift_from: np.ndarray
     scale: np.ndarray
     shift_to: np.ndarray
+
+
+class ColourStatistics(NamedTuple):
+    """CIELAB moments of a set of pixels: their number, and per channel (L, a, b; float64) their
+    mean and the sum of their squared deviations from it, so that the statistics of disjoint
+    parts merge exactly (:func:`merge_statistics`)."""
+
+    count: int
+    mean: np.ndarray
+    squares: np.ndarray
+
+    @property
+    def std(self) -> np.ndarray:
+        """The population standard deviation per channel; 0 where ``count`` is 0."""
+        return np.sqrt(self.squares / max(self.count, 1))
 
 
 def match_colour(generated: np.ndarray, original: np.ndarray, known: np.ndarray) -> np.ndarray:
@@ -686,10 +704,12 @@ def match_colour(generated: np.ndarray, original: np.ndarray, known: np.ndarray)
     return apply_colour_transform(generated, transform)
 
 
-def colour_statistics(image: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The CIELAB mean and standard deviation of ``image`` (``(H, W, 3)`` uint8 sRGB) over
-    ``known`` (``(H, W)`` bool): what :func:`colour_transform` measures of its ``original``,
-    to be measured ahead, while the engine runs, and passed as ``original_statistics``."""
+def colour_statistics(image: np.ndarray, known: np.ndarray) -> ColourStatistics:
+    """The CIELAB statistics of ``image`` (``(H, W, 3)`` uint8 sRGB) over ``known`` (``(H, W)``
+    bool): what :func:`colour_transform` measures of each image. Measured ahead (of the
+    original while the engine runs) or in parts (rows apart, then merged with
+    :func:`merge_statistics`), they are passed to it as ``original_statistics`` and
+    ``generated_statistics``."""
     image = _check_image("image", image, 3)
     known = _check_array("known", known)
     if known.ndim != 2 or known.dtype != np.bool_ or known.shape != image.shape[:2]:
@@ -697,9 +717,39 @@ def colour_statistics(image: np.ndarray, known: np.ndarray) -> tuple[np.ndarray,
     return _lab_statistics(image, known)
 
 
-def _lab_statistics(image: np.ndarray, known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # Colour planes, (3, N): whole-plane arithmetic beats (N, 3) matrix products here.
-    return _mean_and_std(_srgb_to_lab(image.reshape(-1, 3)[known.reshape(-1)].T))
+def merge_statistics(parts: list[ColourStatistics]) -> ColourStatistics:
+    """The statistics of the union of disjoint pixel sets, from those of each set (Chan,
+    Golub and LeVeque's pairwise update of the sum of squared deviations)."""
+    count, mean, squares = 0, np.zeros(3), np.zeros(3)
+    for part in parts:
+        if part.count == 0:
+            continue
+        total = count + part.count
+        delta = part.mean - mean
+        mean = mean + delta * (part.count / total)
+        squares = squares + part.squares + delta * delta * (count * part.count / total)
+        count = total
+    return ColourStatistics(count, mean, squares)
+
+
+def _lab_statistics(image: np.ndarray, known: np.ndarray) -> ColourStatistics:
+    pixels = image.reshape(-1, 3)
+    flags = known.reshape(-1)
+    parts = []
+    for start in range(0, len(flags), _CHUNK_PIXELS):
+        # ``compress`` gathers whole pixels three times faster than boolean indexing does.
+        chunk = np.compress(flags[start : start + _CHUNK_PIXELS], pixels[start : start + _CHUNK_PIXELS], axis=0)
+        if len(chunk) == 0:
+            continue
+        # Colour planes, (3, N): whole-plane arithmetic beats (N, 3) matrix products here.
+        lab = _srgb_to_lab(chunk.T)
+        mean = lab.mean(axis=1, dtype=np.float64)
+        # Deviations from the chunk's own mean are small, so float32 squares lose nothing that
+        # matters; identical values give exactly 0, which keeps flat channels flat.
+        lab -= mean.astype(np.float32)[:, None]
+        squares = np.array([np.dot(channel, channel) for channel in lab], dtype=np.float64)
+        parts.append(ColourStatistics(len(chunk), mean, squares))
+    return merge_statistics(parts)
 
 
 def colour_transform(
@@ -707,11 +757,13 @@ def colour_transform(
     original: np.ndarray,
     known: np.ndarray,
     *,
-    original_statistics: tuple[np.ndarray, np.ndarray] | None = None,
+    original_statistics: ColourStatistics | None = None,
+    generated_statistics: ColourStatistics | None = None,
 ) -> ColourTransform | None:
     """The CIELAB transform :func:`match_colour` applies, measured over the ``known`` pixels;
     ``None`` if fewer than 16 pixels are known. Arguments and errors as ``match_colour``;
-    ``original_statistics``, if given, is ``colour_statistics(original, known)``."""
+    ``original_statistics`` and ``generated_statistics``, if given, are
+    ``colour_statistics(original, known)`` and ``colour_statistics(generated, known)``."""
     generated = _check_image("generated", generated, 3)
     original = _check_image("original", original, 3)
     known = _check_array("known", known)
@@ -723,40 +775,47 @@ def colour_transform(
         )
     if np.count_nonzero(known) < _MIN_KNOWN_PIXELS:
         return None
-    generated_mean, generated_std = _mean_and_std(_srgb_to_lab(generated.reshape(-1, 3).T)[:, known.reshape(-1)])
+    if generated_statistics is None:
+        generated_statistics = _lab_statistics(generated, known)
     if original_statistics is None:
         original_statistics = _lab_statistics(original, known)
-    original_mean, original_std = original_statistics
+    generated_std, original_std = generated_statistics.std, original_statistics.std
     # A channel that is flat in the generated context says nothing about the right scale.
     flat = generated_std < 1e-6
     ratio = np.where(flat, 1.0, original_std / np.where(flat, 1.0, generated_std))
     ratio = np.clip(ratio, *_STD_RATIO_RANGE)
-    return ColourTransform(generated_mean, ratio.astype(np.float32), original_mean)
+    return ColourTransform(
+        generated_statistics.mean.astype(np.float32),
+        ratio.astype(np.float32),
+        original_statistics.mean.astype(np.float32),
+    )
 
 
 def apply_colour_transform(image: np.ndarray, transform: ColourTransform) -> np.ndarray:
     """Returns ``image`` (``(H, W, 3)`` uint8 sRGB) with ``transform`` applied in CIELAB, as a
-    new array of the same shape."""
+    new array of the same shape. Each pixel's result depends on that pixel only, so parts of
+    an image can be transformed apart (e.g. side by side) with the same result."""
     image = _check_image("image", image, 3)
-    lab = _srgb_to_lab(image.reshape(-1, 3).T)
-    for channel, shift_from, scale, shift_to in zip(lab, *transform):
-        channel -= shift_from
-        channel *= scale
-        channel += shift_to
-    return _lab_to_srgb(lab).T.reshape(image.shape)
-
-
-def _mean_and_std(planes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    # Along contiguous rows numpy sums pairwise, so float32 is accurate enough here.
-    return planes.mean(axis=1), planes.std(axis=1)
+    pixels = image.reshape(-1, 3)
+    result = np.empty_like(pixels)
+    for start in range(0, len(pixels), _CHUNK_PIXELS):
+        lab = _srgb_to_lab(pixels[start : start + _CHUNK_PIXELS].T)
+        for channel, shift_from, scale, shift_to in zip(lab, *transform):
+            channel -= shift_from
+            channel *= scale
+            channel += shift_to
+        result[start : start + _CHUNK_PIXELS] = _lab_to_srgb(lab).T
+    return result.reshape(image.shape)
 
 
 def _srgb_to_lab(planes: np.ndarray) -> np.ndarray:
     """``(3, N)`` uint8 sRGB planes to ``(3, N)`` float32 CIELAB (D65) planes."""
-    xyz = _mix(_LINEAR_RGB_TO_WHITE_XYZ, _SRGB_DECODE[planes])
+    xyz = _mix(_LINEAR_RGB_TO_WHITE_XYZ, np.take(_SRGB_DECODE, planes))
     f = np.cbrt(xyz)
     dark = xyz <= _LAB_EPSILON**3
-    f[dark] = xyz[dark] / (3 * _LAB_EPSILON**2) + 4 / 29
+    # Dark pixels are few in most images: a boolean scatter, skipped when it has nothing to do.
+    if dark.any():
+        f[dark] = xyz[dark] / (3 * _LAB_EPSILON**2) + 4 / 29
     lab = xyz
     np.subtract(f[0], f[1], out=lab[1])
     lab[1] *= 500
@@ -776,14 +835,16 @@ def _lab_to_srgb(lab: np.ndarray) -> np.ndarray:
     xyz = f * f
     xyz *= f
     dark = f <= _LAB_EPSILON
-    xyz[dark] = 3 * _LAB_EPSILON**2 * (f[dark] - 4 / 29)
+    if dark.any():
+        xyz[dark] = 3 * _LAB_EPSILON**2 * (f[dark] - 4 / 29)
     linear = _mix(_WHITE_XYZ_TO_LINEAR_RGB, xyz)
     np.clip(linear, 0.0, 1.0, out=linear)
     encoded = linear ** (1 / 2.4)
     encoded *= 1.055
     encoded -= 0.055
     dark = linear <= 0.0031308
-    encoded[dark] = 12.92 * linear[dark]
+    if dark.any():
+        encoded[dark] = 12.92 * linear[dark]
     encoded *= 255
     return _to_uint8(encoded)
 

@@ -99,11 +99,14 @@ class _Early:
     alpha: np.ndarray | None  # None: nothing to change (finish_fill raises)
     changed: Box | None
     work_known: np.ndarray
-    original_statistics: tuple[np.ndarray, np.ndarray] | None
+    original_statistics: fill.ColourStatistics | None
 
 
 # Two threads: the jobs of one engine batch are prepared side by side.
 _HELPERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="genfill-finish")
+_SPLIT_PIXELS = 1 << 15
+"""Colour work on fewer pixels than this stays on one thread: the hand-over would cost more
+than it saves."""
 
 
 def _early(needs_colour_match: bool, local_selection: np.ndarray, blend_px: int, job: EngineJob) -> _Early:
@@ -239,13 +242,40 @@ def finish_fill(engine: Engine, prepared: PreparedFill, generated: list[np.ndarr
             raise RuntimeError(f"engine {engine.name} returned {image.shape} for {work_size}")
         image = np.ascontiguousarray(image[:, :, :3])
         transform = None
-        if needs_colour_match:
+        if needs_colour_match and early.original_statistics is not None:
+            parts = _side_by_side(fill.colour_statistics, _row_halves(image, work_known))
             transform = fill.colour_transform(
-                image, prepared.job.image, work_known, original_statistics=early.original_statistics
+                image,
+                prepared.job.image,
+                work_known,
+                original_statistics=early.original_statistics,
+                generated_statistics=fill.merge_statistics(parts),
             )
-        image = fill.crop(fill.resize(image, context.size), changed)
+        if work_size != context.size:
+            image = fill.resize(image, context.size)
+        image = np.ascontiguousarray(image[changed.slices])
         if transform is not None:
-            image = fill.apply_colour_transform(np.ascontiguousarray(image), transform)
+            # Each pixel's colour depends on that pixel only: the halves join seamlessly.
+            halves = _side_by_side(lambda part: fill.apply_colour_transform(part, transform), _row_halves(image))
+            image = np.concatenate(halves) if len(halves) > 1 else halves[0]
         layers.append(fill.make_layer(image, layer_alpha))
     box = Box(context.x + changed.x, context.y + changed.y, changed.width, changed.height)
     return PipelineResult(box=box, layers=layers)
+
+
+def _row_halves(*arrays: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+    """The top and bottom halves of ``arrays`` (all of one height), or the whole where a split
+    would not pay."""
+    height, width = arrays[0].shape[:2]
+    if height * width < _SPLIT_PIXELS:
+        return [arrays]
+    middle = height // 2
+    return [tuple(array[:middle] for array in arrays), tuple(array[middle:] for array in arrays)]
+
+
+def _side_by_side(function, parts: list[tuple[np.ndarray, ...]]) -> list:
+    """``[function(*part) for part in parts]``, the first part on this thread and the others
+    on the helpers meanwhile: numpy releases the GIL in its loops, so on several cores this
+    halves the time a colour conversion keeps a result waiting."""
+    pending = [_HELPERS.submit(function, *part) for part in parts[1:]]
+    return [function(*parts[0])] + [future.result() for future in pending]
