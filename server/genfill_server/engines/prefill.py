@@ -81,57 +81,95 @@ def pull_push(image: np.ndarray, hole: np.ndarray) -> np.ndarray:
     Known pixels are averaged down a pyramid until every cell knows a colour, then the coarse
     colours are pushed back up into the hole only, so the fill is blurred surroundings.
     """
-    values = image.astype(np.float32)
-    weights = (~hole).astype(np.float32)
-    levels = [(values * weights[..., None], weights)]
+    if not hole.any():
+        return image.copy()
+    known = ~hole
+    if min(hole.shape) == 1:
+        # A single row or column has no coarser level: the hole takes the known pixels' mean.
+        out = image.copy()
+        out[hole] = np.clip(np.rint(image[known].astype(np.float32).mean(axis=0)), 0, 255) if known.any() else NEUTRAL_GREY
+        return out
+    # The first level straight from the uint8 pixels: its sums are integers below 2**10, the
+    # same in uint16 as in float32, and the full-size float copies are never made.
+    masked = image * known[..., None]
+    levels = [(_halve_sum(masked, np.uint16).astype(np.float32), _halve_sum(known, np.uint8).astype(np.float32))]
     while min(levels[-1][1].shape) > 1 and (levels[-1][1] <= 0).any():
         sums, counts = levels[-1]
         levels.append((_halve_sum(sums), _halve_sum(counts)))
+    # Only the colours the hole's pixels are pushed from are computed: on each level, the box
+    # below plus the one-cell reach of the smoothing, halved (the boxes run finest first).
+    shapes = [hole.shape] + [counts.shape for _, counts in levels]
+    boxes = [_box_around(hole)]
+    for shape in shapes[:-1]:
+        boxes.append(_parent_box(boxes[-1], shape))
     # Push: each level's unknown cells take the (upsampled) colour of the level above.
     sums, counts = levels[-1]
     colour = sums / np.maximum(counts, 1e-6)[..., None]
     if (counts <= 0).any():
         colour[counts <= 0] = colour[counts > 0].mean(axis=0) if (counts > 0).any() else NEUTRAL_GREY
-    # The finest level is the image itself: each pixel is known (weight 1) or in the hole
-    # (weight 0), none partly, so its hole pixels take the upsampled colour of level 1 and
-    # nothing else of it is used. Only the hole's box is upsampled there.
-    coarser = levels[1:-1] if len(levels) > 1 else []
-    for sums, counts in reversed(coarser):
-        coarse = _double(colour, counts.shape)
-        known = counts > 0
-        colour = np.where(known[..., None], sums / np.maximum(counts, 1e-6)[..., None], coarse)
+    top_box = boxes[-1]
+    colour = colour[top_box[0] : top_box[1], top_box[2] : top_box[3]]
+    for level in range(len(levels) - 2, -1, -1):
+        sums, counts = levels[level]
+        box = boxes[level + 1]
+        coarse = _double_box(colour, boxes[level + 2], counts.shape, box)
+        rows, columns = slice(box[0], box[1]), slice(box[2], box[3])
+        counts_here = counts[rows, columns]
+        known_here = counts_here > 0
+        colour = np.where(known_here[..., None], sums[rows, columns] / np.maximum(counts_here, 1e-6)[..., None], coarse)
         # Cells only partly known near the hole edge blend towards the coarse colour, which
         # smooths the seam without touching fully known pixels at the finest level.
-        partial = (counts > 0) & (counts < counts.max())
+        partial = known_here & (counts_here < counts.max())
         colour[partial] = 0.5 * colour[partial] + 0.5 * coarse[partial]
+    # The finest level is the image itself: each pixel is known (weight 1) or in the hole
+    # (weight 0), none partly, so its hole pixels take the upsampled colour of level 1 and
+    # nothing else of it is used.
+    top, bottom, left, right = boxes[0]
+    coarse = _double_box(colour, boxes[1], hole.shape, boxes[0])
+    np.rint(coarse, out=coarse)
+    np.clip(coarse, 0, 255, out=coarse)
     out = image.copy()
-    if len(levels) == 1:
-        out[hole] = np.clip(np.rint(colour[hole]), 0, 255).astype(np.uint8)
-        return out
-    top, bottom, left, right = _box_around(hole, hole.shape)
-    coarse = _double_box(colour, hole.shape, top, bottom, left, right)
-    inside = hole[top:bottom, left:right]
-    out[top:bottom, left:right][inside] = np.clip(np.rint(coarse[inside]), 0, 255).astype(np.uint8)
+    # A masked copy of the whole box: no gather and scatter of the hole's pixels.
+    np.copyto(out[top:bottom, left:right], coarse.astype(np.uint8), where=hole[top:bottom, left:right, None])
     return out
 
 
-def _box_around(hole: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, int, int]:
-    """The hole's bounding box, ``(top, bottom, left, right)``, half-open."""
+Span = tuple[int, int, int, int]
+"""A box of a pyramid level's cells: ``(top, bottom, left, right)``, half-open."""
+
+
+def _box_around(hole: np.ndarray) -> Span:
+    """The hole's bounding box."""
     rows = np.flatnonzero(hole.any(axis=1))
     columns = np.flatnonzero(hole.any(axis=0))
     return int(rows[0]), int(rows[-1]) + 1, int(columns[0]), int(columns[-1]) + 1
 
 
-def _double_box(array: np.ndarray, shape: tuple[int, int], top: int, bottom: int, left: int, right: int) -> np.ndarray:
-    """``_double(array, shape)[top:bottom, left:right]``, computed on that box and a margin of
-    one pixel only (the smoothing reaches one pixel), with the same numbers."""
+def _parent_box(box: Span, shape: tuple[int, int]) -> Span:
+    """The cells of the next coarser level that ``_double_box`` reads for ``box`` of a level of
+    ``shape``: the box grown by the smoothing's reach of one cell, halved."""
+    top, bottom, left, right = box
     height, width = shape
     y0, y1 = max(top - 1, 0), min(bottom + 1, height)
     x0, x1 = max(left - 1, 0), min(right + 1, width)
-    part = array[y0 // 2 : (y1 - 1) // 2 + 1, x0 // 2 : (x1 - 1) // 2 + 1]
+    return y0 // 2, (y1 - 1) // 2 + 1, x0 // 2, (x1 - 1) // 2 + 1
+
+
+def _double_box(array: np.ndarray, array_box: Span, shape: tuple[int, int], box: Span) -> np.ndarray:
+    """The coarser level's colours upsampled by 2 to a level of ``shape`` and smoothed with a
+    [1, 2, 1] kernel (so pushed colours show no blocks), on ``box`` only. ``array`` holds the
+    coarser level's cells in ``array_box``, which covers ``_parent_box(box, shape)``. Computed
+    on the box and a margin of one cell (the smoothing reaches one cell), with the same
+    numbers as on the whole level."""
+    top, bottom, left, right = box
+    height, width = shape
+    y0, y1 = max(top - 1, 0), min(bottom + 1, height)
+    x0, x1 = max(left - 1, 0), min(right + 1, width)
+    origin_y, origin_x = array_box[0], array_box[2]
+    part = array[y0 // 2 - origin_y : (y1 - 1) // 2 + 1 - origin_y, x0 // 2 - origin_x : (x1 - 1) // 2 + 1 - origin_x]
     up = np.repeat(np.repeat(part, 2, axis=0), 2, axis=1)
     up = up[y0 - 2 * (y0 // 2) :, x0 - 2 * (x0 // 2) :][: y1 - y0, : x1 - x0]
-    # Inside the image, the margin's neighbours are not the image's: the margin is dropped.
+    # Inside the level, the margin's neighbours are not the level's: the margin is dropped.
     smooth = _smooth(up)
     return smooth[top - y0 : top - y0 + bottom - top, left - x0 : left - x0 + right - left]
 
@@ -182,19 +220,18 @@ def _shifted(array: np.ndarray, dy: int, dx: int, fill_value: int) -> np.ndarray
     return out
 
 
-def _halve_sum(array: np.ndarray) -> np.ndarray:
-    """Sums 2x2 cells; an odd last row or column is kept as a cell of its own."""
+def _halve_sum(array: np.ndarray, dtype: type | None = None) -> np.ndarray:
+    """Sums 2x2 cells, in ``dtype`` (the array's by default); an odd last row or column is
+    kept as a cell of its own."""
     height, width = array.shape[:2]
     padded_h, padded_w = height + height % 2, width + width % 2
     if (padded_h, padded_w) != (height, width):
         pad = [(0, padded_h - height), (0, padded_w - width)] + [(0, 0)] * (array.ndim - 2)
         array = np.pad(array, pad)
-    return array[0::2, 0::2] + array[1::2, 0::2] + array[0::2, 1::2] + array[1::2, 1::2]
-
-
-def _double(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Upsamples by 2 and smooths with a [1, 2, 1] kernel, so pushed colours show no blocks."""
-    return _smooth(np.repeat(np.repeat(array, 2, axis=0), 2, axis=1)[: shape[0], : shape[1]])
+    total = np.add(array[0::2, 0::2], array[1::2, 0::2], dtype=dtype)
+    total += array[0::2, 1::2]
+    total += array[1::2, 1::2]
+    return total
 
 
 def _smooth(out: np.ndarray) -> np.ndarray:
@@ -206,5 +243,9 @@ def _smooth(out: np.ndarray) -> np.ndarray:
             before, centre, after = padded[0:length], padded[1 : length + 1], padded[2 : length + 2]
         else:
             before, centre, after = padded[:, 0:length], padded[:, 1 : length + 1], padded[:, 2 : length + 2]
-        out = (before + 2 * centre + after) / 4
+        # (before + 2 centre + after) / 4, in that order, in one buffer.
+        out = np.multiply(centre, 2)
+        np.add(before, out, out=out)
+        out += after
+        out /= 4
     return out
