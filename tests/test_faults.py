@@ -49,6 +49,7 @@ class Recorder:
         self.events: list[tuple[str, int]] = []
         self.instances = 0
         self.fail_next_load = False
+        self.load_s = 0.0  # how long a load takes, as reading weights and compiling would
 
     def add(self, event: str, instance: int) -> None:
         with self.lock:
@@ -76,6 +77,7 @@ class ScriptedEngine:
         if self.recorder.fail_next_load:
             self.recorder.fail_next_load = False
             raise OSError("cannot open /home/artist/.cache/huggingface/model.safetensors")
+        time.sleep(self.recorder.load_s)
         self.recorder.add("load", self.instance)
 
     def close(self) -> None:
@@ -193,6 +195,26 @@ async def test_engine_failure_fails_only_that_job_and_reloads_the_engine(scripte
     assert ("load", 2) in events, "the engine was not loaded again"
     assert [name for name, instance in events if instance == 2 and name == "finished"] == ["finished", "finished"]
     await session.close()
+
+
+async def test_server_answers_others_while_an_engine_loads(scripted):
+    server, recorder = scripted
+    server.server.engines.recover("scripted")
+    recorder.load_s = 4.0
+    first = await Session.open(server.url, server.token)
+    image, mask = await upload_pair(first)
+    await first.send(submit_message("loads", image, mask, variations=1))
+    await wait_until(lambda: recorder.instances == 2, timeout_s=5)  # the load has begun
+    started = time.monotonic()
+    second = await Session.open(server.url, server.token)  # handshake and hello
+    await upload_pair(second, size=24)  # upload and answer
+    pong = await first.ws.ping()
+    await asyncio.wait_for(pong, timeout=1)
+    assert time.monotonic() - started < 1.5, "the server stalled while an engine loaded"
+    assert "load" not in [name for name, instance in recorder.events if instance == 2]
+    assert (await first.job_outcome("loads", timeout_s=15))["type"] == "result"
+    await first.close()
+    await second.close()
 
 
 async def test_engine_that_fails_to_load_reports_it_and_loads_next_time(scripted):

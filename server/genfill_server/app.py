@@ -561,7 +561,8 @@ class GenfillServer:
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            engine = self.engines.get(jobs[0].engine_name, device, jobs[0].request.model)
+            # Off the event loop: a first load reads gigabytes and may compile for minutes.
+            engine = await asyncio.to_thread(self.engines.get, jobs[0].engine_name, device, jobs[0].request.model)
         except Exception as exc:  # noqa: BLE001 - as in _run
             for job in jobs:
                 self._finish(job, [self._engine_failure(job, exc)])
@@ -661,7 +662,7 @@ class GenfillServer:
         started = time.perf_counter()
         on_step = self._step_callback(job, loop)
         try:
-            engine = self.engines.get(job.engine_name, device, job.request.model)
+            engine = await asyncio.to_thread(self.engines.get, job.engine_name, device, job.request.model)
             result = await asyncio.to_thread(
                 run_fill, engine, job.request, job.canvas, job.selection, job.seeds, on_step, job.control_images
             )
