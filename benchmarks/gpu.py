@@ -52,10 +52,10 @@ What it does, in one process plus one server subprocess, on one card:
 
    Plus ``unet_step``: one UNet forward at batch 2 (one CFG job) and 16 (eight), eager and
    replayed from a CUDA graph, and the VAE's share, to show where a job's time goes.
-   Before timing a workload, the genfill side repeats it untimed until its engine runs use
-   the compiled steps only (``genfill serve`` compiles each new shape in the background and
-   serves it uncompiled meanwhile; ``compile_wait_s`` in the JSON says how long that took,
-   from a cold Inductor cache on a fresh machine). ``GENFILL_COMPILE=0`` measures without.
+   A diffusion engine compiles its commonest shapes when it loads, during a workload's first
+   (untimed) warm-up job; each engine run's record says how many of its calls ran compiled
+   (``compiled_calls``: UNet step, VAE encoder, decoder). ``GENFILL_COMPILE=0`` measures
+   without compiling.
 4. Prints a table and writes JSON: per workload the median, min, max and every sample, peak GPU
    memory (``torch.cuda.max_memory_allocated``, per process), the ratio to the baseline and the
    server overhead (end to end minus the engine's ``run``, paired per job), and the card's name.
@@ -274,8 +274,6 @@ TARGETS = {
 }
 OVERHEAD_TARGET = 0.05
 OFFLOAD_CARD_GB = 7.5
-# The longest a workload waits for the server's background compiles of its shapes.
-COMPILE_WAIT_S = 300
 """The offload server's allocator cap: an 8 GB card less its CUDA context and the display."""
 
 
@@ -490,10 +488,8 @@ def _record_engine_runs(engines, path: Path, device: str) -> None:
                 "peak_reserved_bytes": torch.cuda.max_memory_reserved() if cuda else None,
                 "unet_calls": calls[0],
                 "graph_replays": getattr(step_runner, "replays", 0) - replays,
-                # Calls of the compiled UNet step / VAE encoder / decoder in this run, and the
-                # compiles still running in the background after it.
+                # Calls of the compiled UNet step, VAE encoder and decoder in this run.
                 "compiled_calls": [runner.compiled_calls - b for runner, b in zip(runners, compiled_before)],
-                "compiles_pending": sum(runner.compiles_pending for runner in runners),
                 "offload": bool(getattr(engine, "offload", False)),
                 "work_px": list(np.shape((jobs[0] if many else jobs).image)[:2]),
                 "images": images,
@@ -898,38 +894,6 @@ class Bench:
         traceback.print_exc()
         self.results["workloads"][name] = {"error": repr(exc)}
 
-    # Compiling before measuring
-
-    def _settled(self, runs: list[dict]) -> bool:
-        """Whether these engine runs used only compiled steps and left no compile running."""
-        return bool(runs) and all(
-            r.get("compiles_pending", 0) == 0 and all(calls > 0 for calls in r.get("compiled_calls") or [1])
-            for r in runs
-        )
-
-    def _prime(self, server: ServerProcess, name: str, submit: Any) -> None:
-        """Runs ``submit()`` (one job, or one round of concurrent jobs) until the engine runs it
-        caused used compiled steps throughout, so the timed runs measure the steady state: the
-        server compiles each new shape in the background (tens of seconds) and serves it
-        uncompiled meanwhile. Records how long that took."""
-        if not self.cuda or os.environ.get("GENFILL_COMPILE", "1") == "0":
-            return
-        started = time.perf_counter()
-        rounds = 0
-        while True:
-            before = len(server.records())
-            submit()
-            rounds += 1
-            if self._settled(server.records()[before:]):
-                break
-            if time.perf_counter() - started > COMPILE_WAIT_S:
-                log(f"{name}: compiles not settled after {COMPILE_WAIT_S} s; measuring anyway")
-                break
-            time.sleep(2.0)
-        seconds = time.perf_counter() - started
-        self.results.setdefault("compile_wait_s", {})[name] = round(seconds, 1)
-        log(f"{name}: compiled shapes in use after {seconds:.1f} s ({rounds} priming rounds)")
-
     # Paired single-job workloads
 
     def _single(self, server: ServerProcess, name: str, *, model: str, size: int, selection: int, steps: int,
@@ -940,8 +904,6 @@ class Bench:
         log(f"{name}: {reps} runs each, plain diffusers and genfill alternating")
         base_runs, e2e, engine_runs = [], [], []
         with Client(server.url, token=server.token, open_timeout_s=60) as client:
-            self._prime(server, name, lambda: client.fill(
-                canvas, mask, PROMPT, **fill_options(model, steps, guidance, 999, **extra)))
             for index in range(self.sizes.warmup + reps):
                 seed = 1000 + index
                 base = self.baseline.run(canvas, mask, steps=steps, guidance=guidance, seed=seed)
@@ -1022,20 +984,11 @@ class Bench:
                 await client.connect()
             try:
                 # Every client uploads its canvas once before the clock starts, as an editor
-                # would have done for its first fill; rounds repeat until the batch's shapes
-                # are compiled.
-                async def one_round() -> None:
-                    await asyncio.gather(*(
-                        client.fill(canvas, mask, PROMPT, **fill_options(MODEL_SD15, s.sd15_steps, 7.5, index))
-                        for index, client in enumerate(connected)
-                    ))
-
-                await one_round()
-                loop = asyncio.get_running_loop()
-                await asyncio.to_thread(
-                    self._prime, server, "concurrent_8",
-                    lambda: asyncio.run_coroutine_threadsafe(one_round(), loop).result(),
-                )
+                # would have done for its first fill.
+                await asyncio.gather(*(
+                    client.fill(canvas, mask, PROMPT, **fill_options(MODEL_SD15, s.sd15_steps, 7.5, index))
+                    for index, client in enumerate(connected)
+                ))
                 latencies: list[float] = []
 
                 async def one_client(index: int, client) -> None:
@@ -1078,7 +1031,7 @@ class Bench:
             "peak_gb_plain": _gb(max((r["peak_bytes"] or 0) for r in base_runs)) if self.cuda else None,
             "peak_gb_genfill": _gb(max((r["peak_bytes"] or 0) for r in runs)) if self.cuda and runs else None,
             "largest_engine_batch": max((r["images"] for r in runs), default=0),
-            "compiles_pending_while_timed": max((r.get("compiles_pending", 0) for r in runs), default=0),
+            "compiled_step_calls": sum((r.get("compiled_calls") or [0])[0] for r in runs),
             "engine_batches": [r.get("jobs", 1) for r in runs],
         }
 
@@ -1094,8 +1047,6 @@ class Bench:
                 log(f"canvas: {s.canvas_selection}px selection in a {size}px canvas")
                 canvas, mask = canvas_and_mask(size, s.canvas_selection)
                 e2e, runs = [], []
-                self._prime(server, f"canvas_{size}", lambda: client.fill(
-                    canvas, mask, PROMPT, **fill_options(MODEL_SD15, s.sd15_steps, 7.5, 999)))
                 for index in range(s.warmup + s.reps):
                     before = len(server.records())
                     started = time.perf_counter()

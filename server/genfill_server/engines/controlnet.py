@@ -194,8 +194,8 @@ class ControlNetEngine(SDInpaintEngine):
         device, dtype, offload, name, native_size, max_batch, compiler: as ``SDInpaintEngine``.
     """
 
-    # Its jobs carry control inputs whose residuals change the step's shape: they compile
-    # on first use rather than at load.
+    # Its jobs' shapes depend on their control inputs, and a load that compiled the plain
+    # inpaint shapes would only add minutes: it runs uncompiled graphs.
     _warm_up_at_load = False
 
     def __init__(

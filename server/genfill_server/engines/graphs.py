@@ -15,16 +15,17 @@ and no data-dependent control flow; it returns tensors. Outputs are cloned after
 so a caller may keep them across calls.
 
 **Compiled steps.** Given a ``compiler`` (``compiler_for(device)``: TorchInductor on a CUDA
-device with Triton), each new signature is also compiled, on one background thread shared by
-the process, from a copy of its first inputs. Compiling takes tens of seconds per shape (an
-SD1.5 step at 512x512: 52 s cold, 6 s from Inductor's on-disk cache; SDXL 92 s), so jobs never
-wait for it: they use the plain graph meanwhile. Once a signature is compiled, the caller's
-next ``adopt_compiled()`` (the engines call it between jobs, so a job runs one function
-throughout) switches that signature to a graph of the compiled function, which is faster
-because Inductor fuses the normalisations and pointwise work between the matrix kernels (an
-SD1.5 step 12.0 -> 7.1 ms, SDXL 42 -> 32 ms, the SD VAE decoder 21 -> 7 ms on an H200). A
-failed compile leaves the plain graph in use for good; ``GENFILL_COMPILE=0`` turns compiling
-off. Compiled and plain steps agree to fp16 rounding (relative difference about 2e-3).
+device with Triton), the calls made inside ``with step.compiling():`` compile the function for
+their signature and capture a graph of the compiled version, which later calls of that
+signature replay. Compiling is faster to run because Inductor fuses the normalisations and
+pointwise work between the matrix kernels (an SD1.5 step 12.0 -> 7.1 ms, SDXL 42 -> 32 ms,
+the SD VAE decoder 21 -> 7 ms on an H200), but slow to do: tens of seconds per shape (an
+SD1.5 step at 512x512: 52 s cold, 6 s from Inductor's on-disk cache; SDXL 92 s). It runs in
+the caller's thread, never beside other work: PyTorch's tracing state is process-wide, and a
+compile running next to a graph capture or an eager step in another thread broke both when
+tried. So the engines compile only at load, for their commonest shapes; other shapes run the
+plain graph. A failed compile leaves the plain step in use; ``GENFILL_COMPILE=0`` turns
+compiling off. Compiled and plain steps agree to fp16 rounding (relative difference ~2e-3).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,11 +49,6 @@ logger = logging.getLogger("genfill.engines.graphs")
 __all__ = ["GraphedStep", "compiler_for", "graphs_enabled", "signature"]
 
 _WARMUP_CALLS = 2
-
-# One thread compiles for the whole process: compiling is CPU-bound (tracing, code
-# generation; Inductor compiles its kernels in worker processes of its own) and would only
-# slow the server's other threads if run several at a time.
-_COMPILE_POOL = ThreadPoolExecutor(max_workers=1, thread_name_prefix="genfill-compile")
 
 
 def _switched_off(variable: str) -> bool:
@@ -125,9 +121,8 @@ class GraphedStep:
     Args:
         function: the step; see the module's rules.
         enabled: capture graphs (``graphs_enabled(device)``); ``False`` always runs eagerly.
-        compiler: makes a faster equivalent of ``function`` (``compiler_for(device)``), built
-            per signature in the background and used after ``adopt_compiled()``; ``None``
-            compiles nothing.
+        compiler: makes a faster equivalent of ``function`` (``compiler_for(device)``), used
+            for the signatures first called inside ``compiling()``; ``None`` compiles nothing.
         max_graphs: graphs kept, least recently used dropped first. They share one memory
             pool, so memory grows with the largest, not with their number.
         name: what the log calls this step.
@@ -150,44 +145,47 @@ class GraphedStep:
         self._graphs: OrderedDict[tuple, _Captured] = OrderedDict()
         self._pool = None
         self._lock = threading.Lock()
-        # Held while anything of this step is captured or compiled, so that a capture never
-        # overlaps the background compile's first run (which launches and times kernels).
-        self._device_lock = threading.Lock()
         self._compiled_function: Callable[..., Any] | None = None
-        self._requested: set[tuple] = set()
-        self._compiled: set[tuple] = set()  # compiled, not yet adopted
-        self._adopted: set[tuple] = set()
-        self._failed: set[tuple] = set()
-        self._generation = 0
+        self._compiled: set[tuple] = set()
+        self._compile_new = False
         self.captures = 0
         self.replays = 0
         self.eager_calls = 0
         self.compiled_calls = 0  # replays or calls of the compiled function
         self.compile_failures = 0
+        self.compile_seconds = 0.0
+
+    @contextmanager
+    def compiling(self):
+        """Within this block, a call of a signature not yet compiled compiles it first (in
+        this thread, for as long as that takes). Without a compiler it changes nothing."""
+        self._compile_new = self.compiler is not None
+        try:
+            yield self
+        finally:
+            self._compile_new = False
 
     def __call__(self, *args: Any) -> Any:
         key = signature(args) if self.enabled or self.compiler is not None else None
-        if self.enabled:
-            result = self._replay(key, args)
-        elif key in self._adopted:
-            self.compiled_calls += 1
-            result = self._compiled_function(*args)
-        else:
-            self.eager_calls += 1
-            result = self.function(*args)
-        # After the call: the plain graph of a new signature is captured before its compile
-        # starts and holds the device.
-        if self.compiler is not None and key not in self._requested:
-            self._request_compile(key, args)
-        return result
-
-    def _replay(self, key: tuple, args: Any) -> Any:
         with self._lock:
+            if self._compile_new and key not in self._compiled and not self.compile_failures:
+                self._compile(key, args)
+            compiled = key in self._compiled
+            if not self.enabled:
+                if compiled:
+                    self.compiled_calls += 1
+                    return self._compiled_function(*args)
+                self.eager_calls += 1
+                return self.function(*args)
             captured = self._graphs.get(key)
-            use_compiled = key in self._adopted
-            if captured is None or (use_compiled and not captured.compiled):
-                captured = self._capture_or_none(key, args, compiled=use_compiled) or captured
-                if captured is None:
+            if captured is None or captured.compiled != compiled:
+                try:
+                    captured = self._capture(args, compiled=compiled)
+                except Exception:  # noqa: BLE001 - an uncapturable step still runs, eagerly
+                    logger.warning("CUDA graph capture failed; this engine runs its steps eagerly", exc_info=True)
+                    self.enabled = False
+                    self._graphs.clear()
+                    self._pool = None
                     self.eager_calls += 1
                     return self.function(*args)
                 self._graphs[key] = captured
@@ -205,124 +203,41 @@ class GraphedStep:
                 self.compiled_calls += 1
             return pytree.tree_map(_clone_tensor, captured.outputs)
 
-    def _capture_or_none(self, key: tuple, args: Any, *, compiled: bool) -> _Captured | None:
-        """A new graph for ``key``, or ``None`` where this call runs without one: the
-        background compile holds the device (capture on a later call), or capture failed."""
-        if not self._device_lock.acquire(blocking=False):
-            return None
-        try:
-            return self._capture(args, compiled=compiled)
-        except Exception:  # noqa: BLE001 - an uncapturable step still runs
-            if compiled:
-                logger.warning("capturing the compiled %s failed; using the plain one", self.name, exc_info=True)
-                self._adopted.discard(key)
-                self._failed.add(key)
-                self.compile_failures += 1
-                return None
-            logger.warning("CUDA graph capture failed; this engine runs its steps eagerly", exc_info=True)
-            self.enabled = False
-            self._graphs.clear()
-            self._pool = None
-            return None
-        finally:
-            self._device_lock.release()
-
-    def adopt_compiled(self) -> int:
-        """Switches the signatures compiled since the last call to their compiled function;
-        returns how many. Call it where a change of function is harmless (between jobs)."""
-        with self._lock:
-            fresh = self._compiled - self._adopted
-            self._adopted |= fresh
-            return len(fresh)
-
-    def wait_compiled(self, timeout_s: float | None = None) -> bool:
-        """Blocks until every compile requested so far has finished (or failed); ``False``
-        if ``timeout_s`` passed first."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        while self.compiles_pending:
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(0.05)
-        return True
-
     @property
-    def compiles_requested(self) -> int:
-        with self._lock:
-            return len(self._requested)
-
-    @property
-    def compiles_pending(self) -> int:
-        with self._lock:
-            return len(self._requested - self._compiled - self._failed)
+    def compiled_count(self) -> int:
+        """Signatures that run compiled."""
+        return len(self._compiled)
 
     def clear(self) -> None:
-        """Drops every graph and its memory, and forgets compiled signatures (a compile in
-        flight is discarded when it ends)."""
+        """Drops every graph and its memory, and forgets compiled signatures."""
         with self._lock:
             self._graphs.clear()
             self._pool = None
-            self._generation += 1
-            self._requested.clear()
             self._compiled.clear()
-            self._adopted.clear()
-            self._failed.clear()
             self._compiled_function = None
 
     @property
     def graph_count(self) -> int:
         return len(self._graphs)
 
-    def _request_compile(self, key: tuple, args: Any) -> None:
-        with self._lock:
-            if key in self._requested:
-                return
-            self._requested.add(key)
-            if self.compile_failures:
-                # One failed compile means this step does not compile; don't retry per shape.
-                self._failed.add(key)
-                return
-            generation = self._generation
-        # The compile runs on a copy of this call's inputs: the caller may change its own.
-        leaves, spec = pytree.tree_flatten(args)
-        copies = [leaf.clone() if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves]
-        ready = None
-        if any(isinstance(leaf, torch.Tensor) and leaf.is_cuda for leaf in leaves):
-            ready = torch.cuda.Event()
-            ready.record()
-        inference = torch.is_inference_mode_enabled()
-        _COMPILE_POOL.submit(self._compile, key, pytree.tree_unflatten(copies, spec), ready, inference, generation)
-
-    def _compile(self, key: tuple, args: Any, ready: Any, inference: bool, generation: int) -> None:
+    def _compile(self, key: tuple, args: Any) -> None:
+        """Compiles ``function`` for ``args``' signature by running the compiled version once;
+        on failure, logs it and leaves the plain step in use for every signature."""
         started = time.perf_counter()
         try:
-            with self._lock:
-                if generation != self._generation:
-                    return
-                if self._compiled_function is None:
-                    self._compiled_function = self.compiler(self.function)
-                compiled = self._compiled_function
-            mode = torch.inference_mode() if inference else torch.no_grad()
-            with self._device_lock, mode:
-                if ready is not None:
-                    stream = torch.cuda.Stream()
-                    stream.wait_event(ready)
-                    with torch.cuda.stream(stream):
-                        compiled(*args)
-                    stream.synchronize()
-                else:
-                    compiled(*args)
+            if self._compiled_function is None:
+                self._compiled_function = self.compiler(self.function)
+            self._compiled_function(*args)
+            if self.enabled:
+                torch.cuda.synchronize()
         except Exception:  # noqa: BLE001 - the plain step keeps serving
-            logger.warning("compiling the %s failed; it keeps running uncompiled", self.name, exc_info=True)
-            with self._lock:
-                if generation == self._generation:
-                    self.compile_failures += 1
-                    self._failed.add(key)
+            logger.warning("compiling the %s failed; it runs uncompiled", self.name, exc_info=True)
+            self.compile_failures += 1
             return
-        with self._lock:
-            if generation == self._generation:
-                self._compiled.add(key)
-        logger.info("compiled the %s for %s in %.1f s", self.name, _describe(pytree.tree_leaves(args)),
-                    time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.compile_seconds += seconds
+        self._compiled.add(key)
+        logger.info("compiled the %s for %s in %.1f s", self.name, _describe(pytree.tree_leaves(args)), seconds)
 
     def _capture(self, args: Any, *, compiled: bool = False) -> _Captured:
         function = self._compiled_function if compiled else self.function

@@ -23,10 +23,10 @@ the loop itself:
   loop stops at once (no further UNet call) and the tensors are freed.
 - **Speed on CUDA**: the UNet step (with the guidance combine) is captured as a CUDA graph per
   input shape (``graphs.GraphedStep``) and replayed, since an eager step is bound by Python's
-  kernel launch rate; the CPU runs the same step function eagerly. The UNet step and the VAE
-  are also compiled by TorchInductor in the background, per shape, and the compiled versions
-  take over between jobs once ready; a freshly loaded engine runs one small job at its native
-  size so that the common shapes start compiling at once. The loop makes no host
+  kernel launch rate; the CPU runs the same step function eagerly. At load, the UNet step
+  and the VAE are compiled by TorchInductor for the commonest shapes (a job at the native
+  size; at 512 px also a full batch of them), which takes minutes on a machine's first load
+  and seconds from Inductor's cache after; other shapes run the plain graphs. The loop makes no host
   synchronisation except for previews. Prompt embeddings are cached per prompt.
 - **Several jobs in one batch**: ``run_many`` denoises jobs that share size, steps,
   scheduler, strength and guidance together (prompts, seeds, masks and images differ per
@@ -188,7 +188,7 @@ class SDInpaintEngine:
             A batch that runs out of GPU memory is retried in halves.
         cuda_graphs: capture the UNet step as CUDA graphs; ``None`` means on CUDA without
             offload, unless ``GENFILL_CUDA_GRAPHS=0``.
-        compiler: compiles the UNet step and the VAE per shape in the background
+        compiler: compiles the UNet step and the VAE for the commonest shapes at load
             (``graphs.GraphedStep``); ``"auto"`` means TorchInductor where CUDA graphs are used
             (``graphs.compiler_for``), ``None`` compiles nothing.
     """
@@ -270,32 +270,29 @@ class SDInpaintEngine:
         return (self.step_runner, self.encode_runner, self.decode_runner)
 
     def _warm_up(self) -> None:
-        """One two-step job at the native size with the default guidance: captures the plain
-        graphs of the commonest shapes and starts compiling them in the background."""
+        """Compiles the commonest shapes (``graphs.GraphedStep.compiling``): a job at the
+        native size with the default guidance and one variation, and, at 512 px and below,
+        the UNet step of a full batch of such jobs (``run_many``). Load takes that much longer,
+        once per machine: Inductor's cache makes later loads quick."""
         size = int(self.native_size)
         selection = np.zeros((size, size), np.uint8)
         selection[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
         image = np.full((size, size, 3), 128, np.uint8)
-        job = EngineJob(image, selection, selection, [0], {"steps": 2, "mode": "fill", "prompt": ""})
+
+        def job(seed: int) -> EngineJob:
+            return EngineJob(image, selection, selection, [seed], {"steps": 2, "mode": "fill", "prompt": ""})
+
+        def ignore(*_: Any) -> None:
+            pass
+
         started = time.perf_counter()
-        self.run(job, lambda *_: None)
-        logger.info("%s warmed up at %dx%d in %.2f s; compiling in the background", self.name, size, size,
-                    time.perf_counter() - started)
-
-    def adopt_compiled(self) -> None:
-        """Lets the steps compiled since the last job take over; called between jobs."""
-        for runner in self.runners:
-            runner.adopt_compiled()
-
-    def wait_compiled(self, timeout_s: float | None = None) -> bool:
-        """Blocks until the background compiles requested so far have ended; ``False`` on
-        timeout. For benchmarks and tests: serving never waits for them."""
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        for runner in self.runners:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not runner.wait_compiled(left):
-                return False
-        return True
+        logger.info("%s: compiling for %dx%d (the first load on a machine takes minutes)", self.name, size, size)
+        with self.step_runner.compiling(), self.encode_runner.compiling(), self.decode_runner.compiling():
+            self.run(job(0), ignore)
+        if size <= 512 and self.max_batch_images > 1:
+            with self.step_runner.compiling():
+                self.run_many([job(seed) for seed in range(self.max_batch_images)], [ignore] * self.max_batch_images)
+        logger.info("%s: compiled in %.1f s", self.name, time.perf_counter() - started)
 
     def close(self) -> None:
         self.pipeline = None
@@ -320,7 +317,6 @@ class SDInpaintEngine:
         """
         self._check_loaded()
         seeds = self._seeds(job)
-        self.adopt_compiled()
         with torch.inference_mode():
             try:
                 batch = self._prepare_job(job)
@@ -384,7 +380,6 @@ class SDInpaintEngine:
         A batch that runs out of GPU memory is retried one job at a time.
         """
         self._check_loaded()
-        self.adopt_compiled()
         outcomes: list[list[np.ndarray] | BaseException | None] = [None] * len(jobs)
         parts: list[tuple[int, _Part]] = []
         with torch.inference_mode():
