@@ -197,8 +197,8 @@ def test_engine_compiles_its_native_shapes_at_load():
     compiled = SDInpaintEngine(factory, compiler=_eager_compiler)
     plain.load()
     compiled.load()
-    # One job at the native size (UNet step, encoder, decoder) and a full batch's UNet step.
-    assert [runner.compiled_count for runner in compiled.runners] == [2, 1, 1]
+    # One job at the native size and a full batch of them: UNet step, encoder, decoder each.
+    assert [runner.compiled_count for runner in compiled.runners] == [2, 2, 2]
     assert plain.step_runner.compiled_count == 0
     size = compiled.native_size
     selection = np.zeros((size, size), np.uint8)

@@ -272,7 +272,8 @@ class SDInpaintEngine:
     def _warm_up(self) -> None:
         """Compiles the commonest shapes (``graphs.GraphedStep.compiling``): a job at the
         native size with the default guidance and one variation, and, at 512 px and below,
-        the UNet step of a full batch of such jobs (``run_many``). Load takes that much longer,
+        a full batch of such jobs (``run_many``: the UNet step, the batched VAE encode and
+        decode). Load takes that much longer,
         once per machine: Inductor's cache makes later loads quick."""
         size = int(self.native_size)
         selection = np.zeros((size, size), np.uint8)
@@ -290,7 +291,7 @@ class SDInpaintEngine:
         with self.step_runner.compiling(), self.encode_runner.compiling(), self.decode_runner.compiling():
             self.run(job(0), ignore)
         if size <= 512 and self.max_batch_images > 1:
-            with self.step_runner.compiling():
+            with self.step_runner.compiling(), self.encode_runner.compiling(), self.decode_runner.compiling():
                 self.run_many([job(seed) for seed in range(self.max_batch_images)], [ignore] * self.max_batch_images)
         logger.info("%s: compiled in %.1f s", self.name, time.perf_counter() - started)
 
