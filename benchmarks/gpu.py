@@ -1097,7 +1097,7 @@ class Bench:
         out: dict[str, Any] = {"latent_px": latent}
         with torch.inference_mode():
             for batch in batches:
-                inputs = _unet_inputs(pipe, batch, latent, self.dtype_of(unet))
+                inputs = _unet_inputs(unet, batch, latent, self.dtype_of(unet))
                 eager = _time_ms(lambda: unet(**inputs, return_dict=False), iters=10 if batch > 2 else 20)
                 out[f"batch{batch}_eager_ms"] = eager
                 try:
@@ -1125,10 +1125,9 @@ class Bench:
         return next(module.parameters()).dtype
 
 
-def _unet_inputs(pipe, batch: int, latent: int, dtype) -> dict:
+def _unet_inputs(unet, batch: int, latent: int, dtype) -> dict:
     import torch
 
-    unet = pipe.unet
     device = unet.device
     config = unet.config
     inputs = {
@@ -1162,9 +1161,9 @@ def _time_ms(function, *, iters: int) -> float:
     return statistics.median(times)
 
 
-def _graph_ms(function, *, iters: int) -> tuple[float, float]:
-    """Median milliseconds of replaying ``function`` captured as one CUDA graph, and the
-    seconds the capture took."""
+def capture_graph(function) -> tuple[Any, Any, float]:
+    """``function`` captured once as a CUDA graph after three warm-up calls on a side stream:
+    returns its replay, its static output and the seconds the capture took."""
     import torch
 
     stream = torch.cuda.Stream()
@@ -1177,12 +1176,16 @@ def _graph_ms(function, *, iters: int) -> tuple[float, float]:
     started = time.perf_counter()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        function()
+        output = function()
     torch.cuda.synchronize()
-    capture_s = time.perf_counter() - started
-    milliseconds = _time_ms(graph.replay, iters=iters)
-    del graph
-    return milliseconds, capture_s
+    return graph.replay, output, time.perf_counter() - started
+
+
+def _graph_ms(function, *, iters: int) -> tuple[float, float]:
+    """Median milliseconds of replaying ``function`` captured as one CUDA graph, and the
+    seconds the capture took."""
+    replay, _, capture_s = capture_graph(function)
+    return _time_ms(replay, iters=iters), capture_s
 
 
 def _versions() -> dict:

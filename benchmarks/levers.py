@@ -34,47 +34,21 @@ from pathlib import Path
 _REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_REPO / "benchmarks"))
 
-from gpu import SD15_INPAINT_UNET, SD15_VAE, SDXL_INPAINT_UNET, SDXL_VAE, _unet_inputs  # noqa: E402
-
-
-class _Pipe:
-    """What ``_unet_inputs`` reads of a pipeline."""
-
-    def __init__(self, unet) -> None:
-        self.unet = unet
-
-
-def time_ms(function, iters: int) -> float:
-    import torch
-
-    for _ in range(3):
-        function()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        function()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+from gpu import (  # noqa: E402
+    SD15_INPAINT_UNET,
+    SD15_VAE,
+    SDXL_INPAINT_UNET,
+    SDXL_VAE,
+    _time_ms,
+    _unet_inputs,
+    capture_graph,
+)
 
 
 def graphed(function):
     """``function`` captured once as a CUDA graph; returns (replay, static output)."""
-    import torch
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            function()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = function()
-    torch.cuda.synchronize()
-    return graph.replay, output
+    replay, output, _ = capture_graph(function)
+    return replay, output
 
 
 def rel_diff(output, reference) -> float:
@@ -101,7 +75,7 @@ def unet_levers(name: str, config: dict, latent: int, batches: tuple[int, ...], 
     with torch.device("cuda"):
         unet = UNet2DConditionModel(**config)
     unet = unet.to(torch.float16).eval()
-    inputs = {batch: _unet_inputs(_Pipe(unet), batch, latent, torch.float16) for batch in batches}
+    inputs = {batch: _unet_inputs(unet, batch, latent, torch.float16) for batch in batches}
     reference = {}
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -118,7 +92,7 @@ def unet_levers(name: str, config: dict, latent: int, batches: tuple[int, ...], 
             try:
                 with torch.inference_mode(), attention():
                     replay, output = graphed(lambda: unet(**args, return_dict=False)[0])
-                    ms = time_ms(replay, 20 if batch <= 2 else 10)
+                    ms = _time_ms(replay, iters=20 if batch <= 2 else 10)
             except Exception as exc:  # noqa: BLE001 - a lever that fails is a finding
                 print(f"{key} {lever}: failed: {exc!r}", flush=True)
                 out.setdefault(key, {})[lever] = {"error": repr(exc)}
@@ -159,11 +133,11 @@ def vae_levers(name: str, config: dict, pixels: int, batches: tuple[int, ...], o
             ):
                 key = f"{name}_vae_{part}_b{batch}"
                 with torch.inference_mode():
-                    eager = time_ms(call, 5)
+                    eager = _time_ms(call, iters=5)
                     output = call()
                     try:
                         replay, _ = graphed(call)
-                        graph = time_ms(replay, 5)
+                        graph = _time_ms(replay, iters=5)
                         del replay
                     except Exception as exc:  # noqa: BLE001 - a failed capture is a finding
                         graph = float("nan")
@@ -196,6 +170,7 @@ def compiled_levers(out: dict, only: str | None) -> None:
     if only in (None, "sdxl"):
         cases += [("sdxl", SDXL_INPAINT_UNET, 128, 2, False)]
     models = {}
+    cache_checked = False
     for name, config, latent, batch, channels_last in cases:
         key = f"{name}_unet_b{batch}" + ("_cl" if channels_last else "")
         try:
@@ -205,16 +180,16 @@ def compiled_levers(out: dict, only: str | None) -> None:
                     models[name] = UNet2DConditionModel(**config).to(torch.float16).eval()
             unet = models[name]
             unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-            args = _unet_inputs(_Pipe(unet), batch, latent, torch.float16)
+            args = _unet_inputs(unet, batch, latent, torch.float16)
             if channels_last:
                 args["sample"] = args["sample"].contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 replay, reference = graphed(lambda: unet(**args, return_dict=False)[0])
-                plain_ms = time_ms(replay, 10)
+                plain_ms = _time_ms(replay, iters=10)
                 reference = reference.clone()
                 del replay
                 row = {"plain_graph_ms": round(plain_ms, 2)}
-                for attempt in ("cold", "cached") if not out.get("compile_cache_checked") else ("cold",):
+                for attempt in ("cold",) if cache_checked else ("cold", "cached"):
                     torch._dynamo.reset()
                     compiled = torch.compile(unet, dynamic=False)
                     started = time.perf_counter()
@@ -222,9 +197,9 @@ def compiled_levers(out: dict, only: str | None) -> None:
                     torch.cuda.synchronize()
                     row[f"compile_{attempt}_s"] = round(time.perf_counter() - started, 1)
                 replay, output = graphed(lambda: compiled(**args, return_dict=False)[0])
-                row["compiled_graph_ms"] = round(time_ms(replay, 10), 2)
+                row["compiled_graph_ms"] = round(_time_ms(replay, iters=10), 2)
                 row["rel_diff"] = rel_diff(output, reference)
-                out["compile_cache_checked"] = True
+                cache_checked = True
                 del replay, output
         except Exception as exc:  # noqa: BLE001 - a lever that fails is a finding
             row = {"error": repr(exc)[:500]}
@@ -244,7 +219,7 @@ def compiled_levers(out: dict, only: str | None) -> None:
             latents = torch.randn(1, 4, pixels // 8, pixels // 8, device="cuda", dtype=torch.float16)
             with torch.inference_mode():
                 replay, reference = graphed(lambda: vae.decode(latents).sample)
-                row = {"plain_graph_ms": round(time_ms(replay, 5), 2)}
+                row = {"plain_graph_ms": round(_time_ms(replay, iters=5), 2)}
                 reference = reference.clone()
                 del replay
                 decoder = torch.compile(vae.decoder, dynamic=False)
@@ -255,7 +230,7 @@ def compiled_levers(out: dict, only: str | None) -> None:
                 torch.cuda.synchronize()
                 row["compile_cold_s"] = round(time.perf_counter() - started, 1)
                 replay, output = graphed(lambda: vae.decode(latents).sample)
-                row["compiled_graph_ms"] = round(time_ms(replay, 5), 2)
+                row["compiled_graph_ms"] = round(_time_ms(replay, iters=5), 2)
                 row["rel_diff"] = rel_diff(output, reference)
                 vae.decoder = original
                 del replay, output
