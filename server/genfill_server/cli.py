@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--offload", action="store_true", help="model CPU offload, for GPUs too small for a whole pipeline")
     serve.add_argument(
         "--no-compile", action="store_true",
-        help="don't compile the diffusion models per shape in the background (as GENFILL_COMPILE=0)",
+        help="don't compile the diffusion models for their native size at load (as GENFILL_COMPILE=0)",
     )
     serve.add_argument(
         "--default-engine", default=None,

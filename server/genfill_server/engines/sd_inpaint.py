@@ -227,8 +227,7 @@ class SDInpaintEngine:
         self._factory = pipeline_factory
         self.pipeline: Any = None
         self.family = "sd15"
-        use_graphs = graphs_enabled(self.device) and not offload if cuda_graphs is None else bool(cuda_graphs)
-        use_graphs = use_graphs and graphs_enabled(self.device)
+        use_graphs = graphs_enabled(self.device) and (not offload if cuda_graphs is None else bool(cuda_graphs))
         if compiler == "auto":
             compiler = compiler_for(self.device) if use_graphs else None
         self.step_runner = GraphedStep(self._unet_step, enabled=use_graphs, compiler=compiler, name="UNet step")
@@ -271,28 +270,29 @@ class SDInpaintEngine:
 
     def _warm_up(self) -> None:
         """Compiles the commonest shapes (``graphs.GraphedStep.compiling``): a job at the
-        native size with the default guidance and one variation, and, at 512 px and below,
-        a full batch of such jobs (``run_many``: the UNet step, the batched VAE encode and
-        decode). Load takes that much longer,
-        once per machine: Inductor's cache makes later loads quick."""
+        native size with the default guidance and one variation, and, at 512 px and below, a
+        full batch of such jobs (``run_many``: its UNet step, batched VAE encode and decode).
+        Load takes that much longer once per machine; Inductor's cache makes later loads quick."""
         size = int(self.native_size)
         selection = np.zeros((size, size), np.uint8)
         selection[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
         image = np.full((size, size, 3), 128, np.uint8)
-
-        def job(seed: int) -> EngineJob:
-            return EngineJob(image, selection, selection, [seed], {"steps": 2, "mode": "fill", "prompt": ""})
+        jobs = [
+            EngineJob(image, selection, selection, [seed], {"steps": 2, "mode": "fill", "prompt": ""})
+            for seed in range(self.max_batch_images)
+        ]
 
         def ignore(*_: Any) -> None:
             pass
 
         started = time.perf_counter()
         logger.info("%s: compiling for %dx%d (the first load on a machine takes minutes)", self.name, size, size)
-        with self.step_runner.compiling(), self.encode_runner.compiling(), self.decode_runner.compiling():
-            self.run(job(0), ignore)
-        if size <= 512 and self.max_batch_images > 1:
-            with self.step_runner.compiling(), self.encode_runner.compiling(), self.decode_runner.compiling():
-                self.run_many([job(seed) for seed in range(self.max_batch_images)], [ignore] * self.max_batch_images)
+        with contextlib.ExitStack() as stack:
+            for runner in self.runners:
+                stack.enter_context(runner.compiling())
+            self.run(jobs[0], ignore)
+            if size <= 512 and len(jobs) > 1:
+                self.run_many(jobs, [ignore] * len(jobs))
         logger.info("%s: compiled in %.1f s", self.name, time.perf_counter() - started)
 
     def close(self) -> None:
