@@ -72,6 +72,9 @@ logger = logging.getLogger("genfill.server")
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "[::1]", "::1")
 _PREVIEW_EVERY_S = 0.25
 _FINISHED_JOBS_KEPT = 16
+# A client that sent a message or got a result this recently may be about to submit (an
+# upload comes before its submit, a script submits its next job on the last one's result).
+_RECENTLY_ACTIVE_S = 1.0
 # Replays answer a retried job id; past this many bytes of kept results the oldest go first.
 _FINISHED_BYTES_KEPT = 64 * 2**20
 
@@ -97,8 +100,11 @@ class ServerConfig:
     strength) in one engine batch (``run_many``)."""
     batch_wait_s: float = 0.05
     """How long a worker waits for more jobs to batch with the one it took, and only while
-    some connected client has no job queued or running (one about to submit would otherwise
-    miss the batch and wait for the whole of it)."""
+    some client is likely to submit soon (one about to submit would otherwise miss the batch
+    and wait for the whole of it): one whose last jobs are being answered, or one without a
+    job that sent something or was answered within the last second. The wait runs from the
+    last answer sent, so clients that submit again as soon as they are answered meet in one
+    batch; an idle connection delays nothing."""
 
 
 class _RedactingLogger(logging.LoggerAdapter):
@@ -149,6 +155,8 @@ class _ClientState:
     finished: OrderedDict[str, tuple[str, list[str | bytes]]] = field(default_factory=OrderedDict)
     """Recently finished jobs: request fingerprint and the frames that answered it, replayed
     when a client retries a job id it already got an answer for."""
+    last_active: float = field(default_factory=time.monotonic)
+    """When it last sent a message or was sent a result (``time.monotonic``)."""
 
 
 class GenfillServer:
@@ -328,6 +336,7 @@ class GenfillServer:
             async for data in websocket:
                 if not handle.connected:
                     break
+                client.last_active = time.monotonic()
                 try:
                     if not client.rate.allow():
                         raise RequestError(ErrorCode.RATE_LIMITED, "too many messages: slow down")
@@ -545,14 +554,31 @@ class GenfillServer:
         deadline = loop.time() + self.config.batch_wait_s
         while True:
             batch += self.queue.take(matches, limit=room[0])
-            if room[0] <= 0 or loop.time() >= deadline or not any(
-                client.handle.connected and not client.jobs for client in self._clients.values()
-            ):
+            if room[0] <= 0:
+                break
+            now = time.monotonic()
+            being_answered = any(other.state == "answering" for other in self._jobs_in_flight())
+            if being_answered:
+                deadline = loop.time() + self.config.batch_wait_s
+            if loop.time() >= deadline or not any(self._may_submit_soon(client, now) for client in self._clients.values()):
                 break
             await asyncio.sleep(0.002)
         for other in batch[1:]:
             other.state = "running"
         return batch
+
+    def _jobs_in_flight(self):
+        for client in self._clients.values():
+            yield from client.jobs.values()
+
+    @staticmethod
+    def _may_submit_soon(client: _ClientState, now: float) -> bool:
+        if not client.handle.connected:
+            return False
+        states = [job.state for job in client.jobs.values()]
+        if "queued" in states or "running" in states:
+            return False
+        return bool(states) or now - client.last_active < _RECENTLY_ACTIVE_S
 
     async def _run_batch(self, jobs: list[Job], device: str) -> Coroutine[Any, Any, None] | None:
         """Runs jobs of one batch key in one engine batch. Returns what answers them (each
@@ -585,6 +611,9 @@ class GenfillServer:
             outcomes = await asyncio.to_thread(engine.run_many, [item.job for _, item in ready], on_steps)
         except Exception as exc:  # noqa: BLE001 - every engine failure must reach the client as a code
             outcomes = [exc] * len(ready)
+        for job, _ in ready:
+            if job.state == "running":
+                job.state = "answering"
 
         async def frames_of(job: Job, item, outcome) -> list[str | bytes]:
             if isinstance(outcome, BaseException):
@@ -623,6 +652,7 @@ class GenfillServer:
         client = self._clients.get(job.client.client_id)
         if client is None:
             return
+        client.last_active = time.monotonic()
         client.jobs.pop(job.job_id, None)
         if isinstance(frames[-1], str) and '"type":"result"' in frames[-1]:
             client.finished[job.job_id] = (job.submit.model_dump_json(exclude={"previews"}), frames)

@@ -117,7 +117,8 @@ class Job:
     control_images: list[np.ndarray | None] = field(default_factory=list)
     """One per ``request.control`` entry: the decoded control image the size of ``canvas``,
     or ``None`` where the engine derives one with the entry's preprocessor."""
-    state: Literal["queued", "running", "finished"] = "queued"
+    state: Literal["queued", "running", "answering", "finished"] = "queued"
+    """``answering``: the engine is done with it and its result is being made."""
     cancel_requested: threading.Event = field(default_factory=threading.Event)
     batch_key: tuple | None = None
     """What the job must share with others to run in one engine batch; ``None`` for alone.
