@@ -28,3 +28,22 @@ def test_pull_push_keeps_known_pixels_and_stays_within_their_range(shape, corner
     filled = pull_push(image, hole)
     np.testing.assert_array_equal(filled[~hole], image[~hole])
     assert filled[hole].min() >= 40 and filled[hole].max() <= 199
+
+
+@pytest.mark.parametrize("mode", ["fill", "add", "remove"])
+def test_the_pipeline_starts_the_engines_prefill_beside_the_masks(mode):
+    from genfill.protocol import FillRequest
+    from genfill_server.engines.prefill import prefill
+    from genfill_server.engines.sd_inpaint import SDInpaintEngine
+    from genfill_server.pipeline import prepare_fill
+
+    engine = SDInpaintEngine(lambda: None, native_size=64)  # prepare_fill needs no weights
+    rng = np.random.default_rng(5)
+    canvas = rng.integers(0, 256, (96, 80, 4), dtype=np.uint8)
+    selection = np.zeros((96, 80), np.uint8)
+    selection[30:60, 20:50] = 255
+    request = FillRequest(image="a" * 64, mask="b" * 64, prompt="", mode=mode)
+    job = prepare_fill(engine, request, canvas, selection, [1]).job
+    assert job.prefilled is not None
+    expected = prefill(job.image, job.selection, mode)
+    assert np.array_equal(job.prefilled.result(), expected)

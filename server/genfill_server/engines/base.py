@@ -8,6 +8,7 @@ pre-fills and composites around it, through ``genfill.fill``.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -51,6 +52,9 @@ class EngineJob:
             the protocol's ``FillRequest`` fields. ``options["control"][i]["image"]`` is
             ``None`` or the request's control image as a uint8 array cropped and scaled like
             ``image`` (``(H, W, 3)`` RGB or ``(H, W)`` gray).
+        prefilled: ``prefill.prefill(image, selection, options["mode"])``, started by the
+            pipeline while it made the masks, for engines whose ``uses_prefill`` is true;
+            ``None`` where the engine pre-fills for itself.
     """
 
     image: np.ndarray
@@ -58,6 +62,7 @@ class EngineJob:
     denoise_mask: np.ndarray
     seeds: Sequence[int]
     options: dict[str, Any] = field(default_factory=dict)
+    prefilled: Future | None = None
 
 
 @runtime_checkable

@@ -194,6 +194,7 @@ class SDInpaintEngine:
     """
 
     needs_colour_match = True
+    uses_prefill = True
     max_batch_images = 8
     """The most images ``run_many`` is given at once by the server."""
 
@@ -458,7 +459,7 @@ class SDInpaintEngine:
         if height % factor or width % factor:
             raise ValueError(f"image size {width}x{height} is not a multiple of {factor}")
         mode = str(job.options.get("mode") or "fill")
-        prefilled = prefill(image, np.asarray(job.selection), mode)
+        prefilled = job.prefilled.result() if job.prefilled is not None else prefill(image, np.asarray(job.selection), mode)
         return self._prepare(job, prefilled, job.options, mode)
 
     def _prepare_jobs(self, jobs: Sequence[EngineJob]) -> list[_Batch | BaseException]:
@@ -481,7 +482,8 @@ class SDInpaintEngine:
                 if scheduler_name not in SCHEDULERS:
                     make_scheduler(scheduler_name, None)  # raises the request error
                 mode = str(job.options.get("mode") or "fill")
-                pending.append((index, job, mode, _PREFILL_POOL.submit(prefill, image, np.asarray(job.selection), mode)))
+                future = job.prefilled or _PREFILL_POOL.submit(prefill, image, np.asarray(job.selection), mode)
+                pending.append((index, job, mode, future))
             except (EngineError, ValueError) as exc:
                 outcomes[index] = exc
         ready: list[tuple[int, EngineJob, str, np.ndarray]] = []
