@@ -40,6 +40,7 @@ from .protocol import (
     Uploaded,
     WireBox,
     decode_frame,
+    frame_image_id,
     parse_server_message,
 )
 
@@ -399,7 +400,8 @@ class ClientSession:
             raise LimitExceeded(
                 f"image frame of {len(frame)} bytes is over the server's limit of {limits.max_message_bytes} bytes"
             )
-        image_ref = decode_frame(frame)[0].image_id
+        # The frame was just built here: its header's hash is the payload's, no need to check.
+        image_ref = frame_image_id(frame)
         frames[image_ref] = frame
         return image_ref
 
