@@ -7,6 +7,7 @@ the composite there is the input, bit for bit, whatever the engine returns.
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -103,11 +104,13 @@ class _Early:
     original_statistics: fill.ColourStatistics | None
 
 
-# Two threads: the jobs of one engine batch are prepared side by side.
-_HELPERS = ThreadPoolExecutor(max_workers=2, thread_name_prefix="genfill-finish")
+_PARTS = max(2, min(4, os.cpu_count() or 1))
+"""Colour work is split into up to this many row bands, one a thread: numpy releases the GIL
+in its loops, and beyond four bands of a 512 px image the hand-overs cost what they save."""
+_HELPERS = ThreadPoolExecutor(max_workers=_PARTS, thread_name_prefix="genfill-finish")
 _SPLIT_PIXELS = 1 << 15
-"""Colour work on fewer pixels than this stays on one thread: the hand-over would cost more
-than it saves."""
+"""Colour work on fewer pixels than this a band stays on one thread: the hand-over would
+cost more than it saves."""
 
 
 def _early(needs_colour_match: bool, local_selection: np.ndarray, blend_px: int, job: EngineJob) -> _Early:
@@ -250,7 +253,7 @@ def finish_fill(engine: Engine, prepared: PreparedFill, generated: list[np.ndarr
         image = np.ascontiguousarray(image[:, :, :3])
         transform = None
         if needs_colour_match and early.original_statistics is not None:
-            parts = _side_by_side(fill.colour_statistics, _row_halves(image, work_known))
+            parts = _side_by_side(fill.colour_statistics, _row_bands(image, work_known))
             transform = fill.colour_transform(
                 image,
                 prepared.job.image,
@@ -262,27 +265,26 @@ def finish_fill(engine: Engine, prepared: PreparedFill, generated: list[np.ndarr
             image = fill.resize(image, context.size)
         image = np.ascontiguousarray(image[changed.slices])
         if transform is not None:
-            # Each pixel's colour depends on that pixel only: the halves join seamlessly.
-            halves = _side_by_side(lambda part: fill.apply_colour_transform(part, transform), _row_halves(image))
-            image = np.concatenate(halves) if len(halves) > 1 else halves[0]
+            # Each pixel's colour depends on that pixel only: the bands join seamlessly.
+            bands = _side_by_side(lambda part: fill.apply_colour_transform(part, transform), _row_bands(image))
+            image = np.concatenate(bands) if len(bands) > 1 else bands[0]
         layers.append(fill.make_layer(image, layer_alpha))
     box = Box(context.x + changed.x, context.y + changed.y, changed.width, changed.height)
     return PipelineResult(box=box, layers=layers)
 
 
-def _row_halves(*arrays: np.ndarray) -> list[tuple[np.ndarray, ...]]:
-    """The top and bottom halves of ``arrays`` (all of one height), or the whole where a split
-    would not pay."""
+def _row_bands(*arrays: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+    """``arrays`` (all of one height) cut into up to ``_PARTS`` bands of rows, top to bottom,
+    or the whole where a split would not pay."""
     height, width = arrays[0].shape[:2]
-    if height * width < _SPLIT_PIXELS:
-        return [arrays]
-    middle = height // 2
-    return [tuple(array[:middle] for array in arrays), tuple(array[middle:] for array in arrays)]
+    parts = max(1, min(_PARTS, height * width // _SPLIT_PIXELS, height))
+    edges = [height * index // parts for index in range(parts + 1)]
+    return [tuple(array[top:bottom] for array in arrays) for top, bottom in zip(edges, edges[1:])]
 
 
 def _side_by_side(function, parts: list[tuple[np.ndarray, ...]]) -> list:
     """``[function(*part) for part in parts]``, the first part on this thread and the others
-    on the helpers meanwhile: numpy releases the GIL in its loops, so on several cores this
-    halves the time a colour conversion keeps a result waiting."""
+    on the helpers meanwhile: numpy releases the GIL in its loops, so on several cores a
+    colour conversion keeps a result waiting a fraction of the time."""
     pending = [_HELPERS.submit(function, *part) for part in parts[1:]]
     return [function(*parts[0])] + [future.result() for future in pending]
