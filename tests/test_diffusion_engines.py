@@ -10,6 +10,7 @@ scheduler, ControlNet, and bit-identical pixels outside the selection through ``
 from __future__ import annotations
 
 import functools
+import inspect
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from genfill_server.engines.controlnet import ControlNetEngine, control_image
 from genfill_server.engines.flux_fill import FluxFillEngine
 from genfill_server.engines.prefill import extend_edges, prefill, pull_push
 from genfill_server.engines.sd3_inpaint import SD3InpaintEngine
-from genfill_server.engines.sd_inpaint import SCHEDULERS, SDInpaintEngine
+from genfill_server.engines.sd_inpaint import SCHEDULERS, SDInpaintEngine, make_scheduler, noise_coefficients
 from genfill_server.pipeline import prepare_canvas, run_fill
 
 import tiny_models
@@ -210,6 +211,27 @@ def test_every_scheduler_runs_and_is_deterministic(sd15_inpaint, scheduler):
     first = sd15_inpaint.run(_job([9], scheduler=scheduler), _ignore)[0]
     second = sd15_inpaint.run(_job([9], scheduler=scheduler), _ignore)[0]
     np.testing.assert_array_equal(first, second)
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("start", [0, 3])
+def test_noise_coefficients_reproduce_add_noise_at_every_step(scheduler, start):
+    # The denoising loop re-noises the kept latents with these instead of add_noise; they
+    # must follow the scheduler's state (step index, begin index) as add_noise does.
+    config = tiny_models.tiny_sd15_inpaint().scheduler.config
+    runner = make_scheduler(scheduler, config)
+    runner.set_timesteps(8)
+    timesteps = runner.timesteps[start * runner.order :]
+    if hasattr(runner, "set_begin_index"):
+        runner.set_begin_index(start * runner.order)
+    generator = torch.Generator().manual_seed(0)
+    x0, noise, latents = (torch.randn(2, 4, 8, 8, generator=generator) for _ in range(3))
+    for t in timesteps:
+        keep_scale, noise_scale = noise_coefficients(runner, t.reshape(1))
+        expected = runner.add_noise(x0, noise, t.reshape(1).repeat(2))
+        torch.testing.assert_close(x0 * keep_scale + noise * noise_scale, expected, rtol=1e-6, atol=1e-6)
+        extra = {"generator": generator} if "generator" in inspect.signature(runner.step).parameters else {}
+        latents = runner.step(torch.randn(2, 4, 8, 8, generator=generator), t, latents, **extra).prev_sample
 
 
 def test_unknown_scheduler_is_a_request_error(sd15_inpaint):

@@ -41,6 +41,7 @@ the loop itself:
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import logging
 import os
@@ -63,7 +64,7 @@ from .prefill import prefill
 
 logger = logging.getLogger("genfill.engines.sd_inpaint")
 
-__all__ = ["SCHEDULERS", "SDInpaintEngine", "make_scheduler"]
+__all__ = ["SCHEDULERS", "SDInpaintEngine", "make_scheduler", "noise_coefficients"]
 
 SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
 """Scheduler names a request may ask for (``FillRequest.scheduler``)."""
@@ -99,6 +100,16 @@ def make_scheduler(name: str, config: Any):
     if name == "unipc":
         return UniPCMultistepScheduler.from_config(config)
     raise EngineError(ErrorCode.INVALID_REQUEST, f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+
+
+def noise_coefficients(scheduler: Any, timestep: torch.Tensor) -> tuple[float, float]:
+    """``(a, b)`` such that ``scheduler.add_noise(x0, noise, timestep)`` is ``a * x0 + b *
+    noise`` in the scheduler's present state (it is linear in both for every scheduler
+    here). ``timestep`` is a 1-element host tensor: worked out on the host, the coefficients
+    cost the device nothing, where ``add_noise`` on device tensors copies the schedule from
+    host memory, and so waits for the device, at every call."""
+    one, zero = torch.ones(1), torch.zeros(1)
+    return float(scheduler.add_noise(one, zero, timestep)), float(scheduler.add_noise(zero, one, timestep))
 
 
 @dataclass(frozen=True)
@@ -238,6 +249,7 @@ class SDInpaintEngine:
         self.decode_runner = GraphedStep(self._vae_decode, enabled=False, compiler=compiler, name="VAE decoder")
         self._check_vae = False
         self._prompts: OrderedDict[tuple, tuple[torch.Tensor, dict[str, torch.Tensor] | None]] = OrderedDict()
+        self._schedulers: dict[str, Any] = {}
         self._prompt_lock = threading.Lock()
 
     # Engine protocol
@@ -301,6 +313,7 @@ class SDInpaintEngine:
         for runner in self.runners:
             runner.clear()
         self._prompts.clear()
+        self._schedulers.clear()
         self._close_extra()
         _empty_cache(self.device)
 
@@ -438,6 +451,15 @@ class SDInpaintEngine:
     @property
     def _exec_device(self) -> torch.device:
         return torch.device(getattr(self.pipeline, "_execution_device", None) or self.device)
+
+    def _fresh_scheduler(self, name: str) -> Any:
+        """A new scheduler of kind ``name``: a copy of one built once per engine. Building one
+        from a config takes milliseconds of Python (most for Karras sigmas) that the device
+        would otherwise wait for at the start of every job."""
+        template = self._schedulers.get(name)
+        if template is None:
+            template = self._schedulers[name] = make_scheduler(name, self.pipeline.scheduler.config)
+        return copy.deepcopy(template)
 
     def _check_loaded(self) -> None:
         if self.pipeline is None:
@@ -696,7 +718,7 @@ class SDInpaintEngine:
         """
         device = self._exec_device
         first = parts[0].batch
-        scheduler = make_scheduler(first.scheduler_name, self.pipeline.scheduler.config)
+        scheduler = self._fresh_scheduler(first.scheduler_name)
         scheduler.set_timesteps(first.steps, device=device)
         init_steps = min(max(int(first.steps * first.strength), 1), first.steps)
         start = (first.steps - init_steps) * scheduler.order
@@ -704,6 +726,7 @@ class SDInpaintEngine:
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start)
         total_steps = len(timesteps)
+        timesteps_host = timesteps.cpu()
         seeds = [seed for part in parts for seed in part.seeds]
         counts = [len(part.seeds) for part in parts]
         size = len(seeds)
@@ -752,7 +775,8 @@ class SDInpaintEngine:
                 threshold = 1.0 - (i + 1) / total_steps
                 if not all(bool((host > threshold).all()) for host in m_host if host is not None):
                     active = (m > threshold).to(latents.dtype)
-                    noised = scheduler.add_noise(x0, noise, t.reshape(1).repeat(size))
+                    keep_scale, noise_scale = noise_coefficients(scheduler, timesteps_host[i].reshape(1))
+                    noised = x0 * keep_scale + noise * noise_scale
                     latents = active * latents + (1 - active) * noised
                 scaled = scheduler.scale_model_input(latents, t)
                 residuals = None
