@@ -227,8 +227,13 @@ def test_noise_coefficients_reproduce_add_noise_at_every_step(scheduler, start):
     generator = torch.Generator().manual_seed(0)
     x0, noise, latents = (torch.randn(2, 4, 8, 8, generator=generator) for _ in range(3))
     for t in timesteps:
-        keep_scale, noise_scale = noise_coefficients(runner, t.reshape(1))
         expected = runner.add_noise(x0, noise, t.reshape(1).repeat(2))
+        # Schedules on the meta device have no values: reading them would raise, so the
+        # coefficients come from the host copy alone, as on a GPU they must.
+        host, runner.timesteps = runner.timesteps, runner.timesteps.to("meta")
+        keep_scale, noise_scale = noise_coefficients(runner, t.reshape(1), host)
+        assert runner.timesteps.device.type == "meta"
+        runner.timesteps = host
         torch.testing.assert_close(x0 * keep_scale + noise * noise_scale, expected, rtol=1e-6, atol=1e-6)
         extra = {"generator": generator} if "generator" in inspect.signature(runner.step).parameters else {}
         latents = runner.step(torch.randn(2, 4, 8, 8, generator=generator), t, latents, **extra).prev_sample

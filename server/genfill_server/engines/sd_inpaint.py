@@ -102,14 +102,20 @@ def make_scheduler(name: str, config: Any):
     raise EngineError(ErrorCode.INVALID_REQUEST, f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
 
 
-def noise_coefficients(scheduler: Any, timestep: torch.Tensor) -> tuple[float, float]:
+def noise_coefficients(scheduler: Any, timestep: torch.Tensor, timesteps_host: torch.Tensor) -> tuple[float, float]:
     """``(a, b)`` such that ``scheduler.add_noise(x0, noise, timestep)`` is ``a * x0 + b *
     noise`` in the scheduler's present state (it is linear in both for every scheduler
-    here). ``timestep`` is a 1-element host tensor: worked out on the host, the coefficients
-    cost the device nothing, where ``add_noise`` on device tensors copies the schedule from
-    host memory, and so waits for the device, at every call."""
+    here). ``timestep`` is a 1-element host tensor and ``timesteps_host`` a host copy of
+    ``scheduler.timesteps``, which stands in for them meanwhile: worked out on the host, the
+    coefficients never wait for the device, where ``add_noise`` on device tensors copies the
+    schedule across, and so waits for the device, at every call."""
     one, zero = torch.ones(1), torch.zeros(1)
-    return float(scheduler.add_noise(one, zero, timestep)), float(scheduler.add_noise(zero, one, timestep))
+    timesteps = scheduler.timesteps
+    scheduler.timesteps = timesteps_host
+    try:
+        return float(scheduler.add_noise(one, zero, timestep)), float(scheduler.add_noise(zero, one, timestep))
+    finally:
+        scheduler.timesteps = timesteps
 
 
 @dataclass(frozen=True)
@@ -726,7 +732,7 @@ class SDInpaintEngine:
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(start)
         total_steps = len(timesteps)
-        timesteps_host = timesteps.cpu()
+        timesteps_host = scheduler.timesteps.cpu()
         seeds = [seed for part in parts for seed in part.seeds]
         counts = [len(part.seeds) for part in parts]
         size = len(seeds)
@@ -775,7 +781,9 @@ class SDInpaintEngine:
                 threshold = 1.0 - (i + 1) / total_steps
                 if not all(bool((host > threshold).all()) for host in m_host if host is not None):
                     active = (m > threshold).to(latents.dtype)
-                    keep_scale, noise_scale = noise_coefficients(scheduler, timesteps_host[i].reshape(1))
+                    keep_scale, noise_scale = noise_coefficients(
+                        scheduler, timesteps_host[start + i].reshape(1), timesteps_host
+                    )
                     noised = x0 * keep_scale + noise * noise_scale
                     latents = active * latents + (1 - active) * noised
                 scaled = scheduler.scale_model_input(latents, t)
