@@ -153,10 +153,12 @@ def vae_levers(name: str, config: dict, pixels: int, batches: tuple[int, ...], o
     torch.cuda.empty_cache()
 
 
-def compiled_levers(out: dict, only: str | None) -> None:
+def compiled_levers(out: dict, only: str | None, batches: tuple[int, ...] = (2, 16), flags: tuple[str, ...] = ()) -> None:
     """The UNet step (and the VAE decoder) compiled by TorchInductor and then replayed from a
     CUDA graph, against the plain graph: compile time per shape, cold and from Inductor's
-    cache, step time and relative difference."""
+    cache, step time and relative difference. With ``flags`` (boolean options of
+    ``torch._inductor.config``), each UNet is compiled once more with them set, in the same
+    process, for a side-by-side ``flags_graph_ms``."""
     import torch
     import torch._dynamo
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -166,7 +168,7 @@ def compiled_levers(out: dict, only: str | None) -> None:
     torch.backends.cudnn.benchmark = False
     cases = []
     if only in (None, "sd15"):
-        cases += [("sd15", SD15_INPAINT_UNET, 64, 2, False), ("sd15", SD15_INPAINT_UNET, 64, 16, False)]
+        cases += [("sd15", SD15_INPAINT_UNET, 64, batch, False) for batch in batches]
     if only in (None, "sdxl"):
         cases += [("sdxl", SDXL_INPAINT_UNET, 128, 2, False)]
     models = {}
@@ -201,6 +203,20 @@ def compiled_levers(out: dict, only: str | None) -> None:
                 row["rel_diff"] = rel_diff(output, reference)
                 cache_checked = True
                 del replay, output
+                if flags:
+                    import torch._inductor.config as inductor_config
+
+                    torch._dynamo.reset()
+                    with inductor_config.patch({flag: True for flag in flags}):
+                        compiled = torch.compile(unet, dynamic=False)
+                        started = time.perf_counter()
+                        compiled(**args, return_dict=False)
+                        torch.cuda.synchronize()
+                        row["flags_compile_s"] = round(time.perf_counter() - started, 1)
+                        replay, output = graphed(lambda: compiled(**args, return_dict=False)[0])
+                    row["flags_graph_ms"] = round(_time_ms(replay, iters=10), 2)
+                    row["flags_rel_diff"] = rel_diff(output, reference)
+                    del replay, output
         except Exception as exc:  # noqa: BLE001 - a lever that fails is a finding
             row = {"error": repr(exc)[:500]}
         out[f"compiled_{key}"] = row
@@ -292,6 +308,10 @@ def main() -> int:
     parser.add_argument("--only", choices=("sd15", "sdxl"), default=None)
     parser.add_argument("--engine", action="store_true", help="also time the SD engine's run")
     parser.add_argument("--compiled", action="store_true", help="only the TorchInductor variants")
+    parser.add_argument("--batches", default="2,16", help="SD1.5 UNet batches for --compiled")
+    parser.add_argument("--flags", default="",
+                        help="with --compiled: comma-separated torch._inductor.config options to try on as well, "
+                             "e.g. conv_1x1_as_mm,coordinate_descent_tuning")
     args = parser.parse_args()
     import torch
 
@@ -301,7 +321,9 @@ def main() -> int:
     out: dict = {"card": torch.cuda.get_device_name(0), "torch": torch.__version__}
     started = time.perf_counter()
     if args.compiled:
-        compiled_levers(out, args.only)
+        flags = tuple(flag for flag in args.flags.split(",") if flag)
+        out["inductor_flags"] = list(flags)
+        compiled_levers(out, args.only, tuple(int(b) for b in args.batches.split(",")), flags)
         Path(args.out).write_text(json.dumps(out, indent=1), encoding="utf-8")
         return 0
     if args.engine:
