@@ -293,6 +293,43 @@ def test_cuda_graph_step_gives_the_eager_pixels(builder):
             assert np.abs(x.astype(int) - y.astype(int)).max() <= 2
 
 
+def _controlnet_engine(device: str, **options):
+    from genfill_server.engines.controlnet import ControlNetEngine
+
+    return ControlNetEngine(
+        functools.partial(tiny_models.tiny_sd15_inpaint),
+        {kind: tiny_models.tiny_sd15_controlnet for kind in ("inpaint", "canny")},
+        device=device,
+        **options,
+    )
+
+
+def test_controlnet_residuals_go_through_their_step_runner():
+    engine = _controlnet_engine("cpu")
+    engine.load()
+    engine.run(_job([5], control=[{"type": "inpaint"}, {"type": "canny", "strength": 0.5}]), _ignore)
+    # Three steps, two ControlNets each; on the CPU the runner calls them eagerly.
+    assert engine.control_runner.eager_calls == 6
+    engine.close()
+    assert engine.control_runner.graph_count == 0
+
+
+@pytest.mark.gpu
+def test_controlnet_graph_gives_the_eager_pixels():
+    eager = _controlnet_engine("cuda", cuda_graphs=False, compiler=None)
+    graphed = _controlnet_engine("cuda", cuda_graphs=True, compiler=None)
+    eager.load()
+    graphed.load()
+    jobs = [
+        _job([21], control=[{"type": "inpaint"}]),
+        _job([22, 23], prompt="a dog", control=[{"type": "inpaint"}, {"type": "canny", "strength": 0.5}]),
+    ]
+    for job in jobs:
+        for x, y in zip(eager.run(job, _ignore), graphed.run(job, _ignore)):
+            assert np.abs(x.astype(int) - y.astype(int)).max() <= 2
+    assert graphed.control_runner.captures >= 2 and graphed.control_runner.replays >= 9
+
+
 # Through the real server: several clients, one engine batch
 
 
