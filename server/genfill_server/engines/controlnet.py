@@ -192,7 +192,8 @@ class ControlNetEngine(SDInpaintEngine):
             A request for a type without an entry fails with ``weights_not_installed``.
         annotators_dir: a local folder with ``lllyasviel/Annotators`` files for the
             preprocessors that need weights; the local HF cache is searched too.
-        device, dtype, offload, name, native_size, max_batch, compiler: as ``SDInpaintEngine``.
+        device, dtype, offload, name, native_size, max_batch, cuda_graphs, compiler: as
+            ``SDInpaintEngine``; the graphs setting covers the ControlNets' steps too.
     """
 
     # Its jobs' shapes depend on their control inputs, and a load that compiled the plain
@@ -211,11 +212,12 @@ class ControlNetEngine(SDInpaintEngine):
         native_size: int | None = None,
         max_batch: int | None = None,
         annotators_dir: str | os.PathLike | None = None,
+        cuda_graphs: bool | None = None,
         compiler: Callable[[Callable[..., Any]], Callable[..., Any]] | None | str = "auto",
     ) -> None:
         super().__init__(
             pipeline_factory, device=device, dtype=dtype, offload=offload, name=name,
-            native_size=native_size, max_batch=max_batch, compiler=compiler,
+            native_size=native_size, max_batch=max_batch, cuda_graphs=cuda_graphs, compiler=compiler,
         )
         self._controlnet_factories = dict(controlnets)
         self._controlnets: dict[str, Any] = {}
