@@ -305,7 +305,7 @@ def _controlnet_engine(device: str, **options):
 
 
 def test_controlnet_residuals_go_through_their_step_runner():
-    engine = _controlnet_engine("cpu")
+    engine = _controlnet_engine("cpu", cuda_graphs=False, compiler=None)
     engine.load()
     engine.run(_job([5], control=[{"type": "inpaint"}, {"type": "canny", "strength": 0.5}]), _ignore)
     # Three steps, two ControlNets each; on the CPU the runner calls them eagerly.
