@@ -318,15 +318,24 @@ def test_controlnet_residuals_go_through_their_step_runner():
 def test_controlnet_graph_gives_the_eager_pixels():
     eager = _controlnet_engine("cuda", cuda_graphs=False, compiler=None)
     graphed = _controlnet_engine("cuda", cuda_graphs=True, compiler=None)
-    eager.load()
-    graphed.load()
+    exact = _controlnet_engine("cuda", dtype=torch.float32, cuda_graphs=False, compiler=None)
+    for engine in (eager, graphed, exact):
+        engine.load()
+    edges = np.zeros((SIZE, SIZE, 3), np.uint8)
+    edges[::8] = 255
     jobs = [
         _job([21], control=[{"type": "inpaint"}]),
-        _job([22, 23], prompt="a dog", control=[{"type": "inpaint"}, {"type": "canny", "strength": 0.5}]),
+        # An edge map given, so no preprocessor (controlnet_aux) is needed.
+        _job([22, 23], prompt="a dog", control=[{"type": "inpaint"}, {"type": "canny", "strength": 0.5, "image": edges}]),
     ]
     for job in jobs:
-        for x, y in zip(eager.run(job, _ignore), graphed.run(job, _ignore)):
-            assert np.abs(x.astype(int) - y.astype(int)).max() <= 2
+        for x, y, z in zip(eager.run(job, _ignore), graphed.run(job, _ignore), exact.run(job, _ignore)):
+            # fp16 kernels chosen under capture may round differently from eager ones: the
+            # graphed pixels must be as close to fp32 ones as the eager pixels are.
+            eager_error = np.abs(x.astype(int) - z.astype(int)).mean()
+            graphed_error = np.abs(y.astype(int) - z.astype(int)).mean()
+            assert graphed_error <= 2 * eager_error + 0.05, (graphed_error, eager_error)
+            assert np.abs(x.astype(int) - y.astype(int)).max() <= 4
     assert graphed.control_runner.captures >= 2 and graphed.control_runner.replays >= 9
 
 
