@@ -20,7 +20,7 @@ import os
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from pathlib import Path
@@ -567,12 +567,14 @@ class GenfillServer:
             other.state = "running"
         return batch
 
-    def _jobs_in_flight(self):
+    def _jobs_in_flight(self) -> Iterator[Job]:
         for client in self._clients.values():
             yield from client.jobs.values()
 
     @staticmethod
     def _may_submit_soon(client: _ClientState, now: float) -> bool:
+        """The rule of ``ServerConfig.batch_wait_s``: connected, nothing queued or running,
+        and either its jobs are being answered or it was active a moment ago."""
         if not client.handle.connected:
             return False
         states = [job.state for job in client.jobs.values()]
