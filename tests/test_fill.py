@@ -357,6 +357,31 @@ def test_blur(mask, px, expected):
     np.testing.assert_array_equal(fill.blur(mask, px), expected)
 
 
+def _box_blur_reference(mask: np.ndarray, px: int) -> np.ndarray:
+    # The definition, spelled plainly: three edge-padded running-sum box means per axis in
+    # float64, rows first, then rounded to the nearest level.
+    radii = [px // 3 + 1] * (px % 3) + [px // 3] * (3 - px % 3)
+    result = mask.astype(np.float64)
+    for axis in (0, 1):
+        for radius in radii:
+            if radius:
+                pad = [(0, 0), (0, 0)]
+                pad[axis] = (radius + 1, radius)
+                sums = np.cumsum(np.pad(result, pad, mode="edge"), axis=axis)
+                window = 2 * radius + 1
+                result = (np.take(sums, range(window, sums.shape[axis]), axis=axis)
+                          - np.take(sums, range(sums.shape[axis] - window), axis=axis)) / window
+    return np.clip(np.rint(result), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("px", [1, 5, 16, 40])
+def test_blur_gives_the_bits_of_its_plain_definition(px):
+    rng = np.random.default_rng(px)
+    mask = (rng.random((97, 131)) > 0.6).astype(np.uint8) * 255
+    mask[20:60, 30:90] = rng.integers(0, 256, (40, 60), dtype=np.uint8)
+    np.testing.assert_array_equal(fill.blur(mask, px), _box_blur_reference(mask, px))
+
+
 @pytest.mark.parametrize("px", [1, 2, 3, 4, 7])
 def test_blur_reaches_exactly_px(px):
     mask = np.zeros((17, 17), np.float32)

@@ -478,22 +478,26 @@ def blur(mask: np.ndarray, px: int) -> np.ndarray:
 def _box_mean(array: np.ndarray, radius: int, axis: int) -> np.ndarray:
     pad = [(0, 0), (0, 0)]
     pad[axis] = (radius + 1, radius)
-    padded = np.pad(array, pad, mode="edge")
+    # Running sums in the padded copy itself, and the mean in the difference's own buffer:
+    # each new array of this size costs a first touch of every page, which at 512 px was more
+    # than the arithmetic.
+    sums = np.pad(array, pad, mode="edge")
     if axis == 0:
         # Row by row: the same additions in the same order as ``np.cumsum(axis=0)``, so the
         # same bits, but each is one vectorized pass over a row (numpy's cumsum down columns
         # of a C-ordered array runs several times slower).
-        sums = padded
         for row in range(1, sums.shape[0]):
             np.add(sums[row - 1], sums[row], out=sums[row])
     else:
-        sums = np.cumsum(padded, axis=axis)
+        np.cumsum(sums, axis=axis, out=sums)
     window = 2 * radius + 1
     upper = [slice(None), slice(None)]
     lower = [slice(None), slice(None)]
     upper[axis] = slice(window, None)
     lower[axis] = slice(None, -window)
-    return (sums[tuple(upper)] - sums[tuple(lower)]) / window
+    means = np.subtract(sums[tuple(upper)], sums[tuple(lower)])
+    means /= window
+    return means
 
 
 # --- the three masks --------------------------------------------------------------------
