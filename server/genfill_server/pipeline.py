@@ -90,7 +90,7 @@ class PreparedFill:
     rgb: np.ndarray  # (h, w, 3) the context crop, canvas resolution
     local_selection: np.ndarray  # (h, w) the selection in the context crop
     blend_px: int
-    early: Future | None = field(default=None, compare=False)
+    early: Future = field(compare=False)
     """``_Early`` parts of ``finish_fill``, computed on a helper thread while the engine runs."""
 
 
@@ -115,11 +115,11 @@ cost more than it saves."""
 
 def _early(needs_colour_match: bool, local_selection: np.ndarray, blend_px: int, job: EngineJob) -> _Early:
     alpha = fill.compositing_mask(local_selection, blend_px=blend_px)
+    work_known = job.selection == 0
     try:
         changed = fill.mask_box(alpha)
     except fill.EmptyMaskError:
-        return _Early(None, None, job.selection == 0, None)
-    work_known = job.selection == 0
+        return _Early(None, None, work_known, None)
     statistics = None
     if needs_colour_match and np.count_nonzero(work_known) >= fill._MIN_KNOWN_PIXELS:  # noqa: SLF001
         statistics = fill.colour_statistics(job.image, work_known)
@@ -237,11 +237,7 @@ def finish_fill(engine: Engine, prepared: PreparedFill, generated: list[np.ndarr
     context, work_size = prepared.context, prepared.work_size
     if len(generated) != len(prepared.job.seeds):
         raise RuntimeError(f"engine {engine.name} returned {len(generated)} images for {len(prepared.job.seeds)} seeds")
-    needs_colour_match = getattr(engine, "needs_colour_match", True)
-    if prepared.early is not None:
-        early = prepared.early.result()
-    else:
-        early = _early(needs_colour_match, prepared.local_selection, prepared.blend_px, prepared.job)
+    early = prepared.early.result()
     if early.alpha is None:
         raise RequestError(ErrorCode.EMPTY_SELECTION, "the selection is too faint to change any pixel")
     alpha, changed, work_known = early.alpha, early.changed, early.work_known
@@ -252,7 +248,8 @@ def finish_fill(engine: Engine, prepared: PreparedFill, generated: list[np.ndarr
             raise RuntimeError(f"engine {engine.name} returned {image.shape} for {work_size}")
         image = np.ascontiguousarray(image[:, :, :3])
         transform = None
-        if needs_colour_match and early.original_statistics is not None:
+        # Measured only for engines that need colour matching, where enough pixels are known.
+        if early.original_statistics is not None:
             parts = _side_by_side(fill.colour_statistics, _row_bands(image, work_known))
             transform = fill.colour_transform(
                 image,

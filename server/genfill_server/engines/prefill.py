@@ -145,13 +145,17 @@ def _box_around(hole: np.ndarray) -> Span:
     return int(rows[0]), int(rows[-1]) + 1, int(columns[0]), int(columns[-1]) + 1
 
 
+def _grown(box: Span, shape: tuple[int, int]) -> Span:
+    """``box`` grown by the smoothing's reach of one cell, within a level of ``shape``."""
+    top, bottom, left, right = box
+    height, width = shape
+    return max(top - 1, 0), min(bottom + 1, height), max(left - 1, 0), min(right + 1, width)
+
+
 def _parent_box(box: Span, shape: tuple[int, int]) -> Span:
     """The cells of the next coarser level that ``_double_box`` reads for ``box`` of a level of
     ``shape``: the box grown by the smoothing's reach of one cell, halved."""
-    top, bottom, left, right = box
-    height, width = shape
-    y0, y1 = max(top - 1, 0), min(bottom + 1, height)
-    x0, x1 = max(left - 1, 0), min(right + 1, width)
+    y0, y1, x0, x1 = _grown(box, shape)
     return y0 // 2, (y1 - 1) // 2 + 1, x0 // 2, (x1 - 1) // 2 + 1
 
 
@@ -162,11 +166,10 @@ def _double_box(array: np.ndarray, array_box: Span, shape: tuple[int, int], box:
     on the box and a margin of one cell (the smoothing reaches one cell), with the same
     numbers as on the whole level."""
     top, bottom, left, right = box
-    height, width = shape
-    y0, y1 = max(top - 1, 0), min(bottom + 1, height)
-    x0, x1 = max(left - 1, 0), min(right + 1, width)
+    y0, y1, x0, x1 = _grown(box, shape)
+    parent_top, parent_bottom, parent_left, parent_right = _parent_box(box, shape)
     origin_y, origin_x = array_box[0], array_box[2]
-    part = array[y0 // 2 - origin_y : (y1 - 1) // 2 + 1 - origin_y, x0 // 2 - origin_x : (x1 - 1) // 2 + 1 - origin_x]
+    part = array[parent_top - origin_y : parent_bottom - origin_y, parent_left - origin_x : parent_right - origin_x]
     up = np.repeat(np.repeat(part, 2, axis=0), 2, axis=1)
     up = up[y0 - 2 * (y0 // 2) :, x0 - 2 * (x0 // 2) :][: y1 - y0, : x1 - x0]
     # Inside the level, the margin's neighbours are not the level's: the margin is dropped.

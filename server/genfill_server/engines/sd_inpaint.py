@@ -481,14 +481,21 @@ class SDInpaintEngine:
     # Steps of a run
 
     def _prepare_job(self, job: EngineJob) -> _Batch:
+        mode, prefilled = self._start_prefill(job)
+        return self._prepare(job, prefilled.result(), job.options, mode)
+
+    def _start_prefill(self, job: EngineJob) -> tuple[str, Future]:
+        """Checks what a job asks before any work is done for it, and returns its mode and its
+        pre-fill: the one the pipeline started, or one started here on a helper thread."""
         image = np.ascontiguousarray(job.image[:, :, :3])
-        height, width = image.shape[:2]
         factor = self.vae_scale_factor
-        if height % factor or width % factor:
-            raise ValueError(f"image size {width}x{height} is not a multiple of {factor}")
+        if image.shape[0] % factor or image.shape[1] % factor:
+            raise ValueError(f"image size {image.shape[1]}x{image.shape[0]} is not a multiple of {factor}")
+        scheduler_name = str(job.options.get("scheduler") or self.defaults.scheduler)
+        if scheduler_name not in SCHEDULERS:
+            make_scheduler(scheduler_name, None)  # raises the request error
         mode = str(job.options.get("mode") or "fill")
-        prefilled = job.prefilled.result() if job.prefilled is not None else prefill(image, np.asarray(job.selection), mode)
-        return self._prepare(job, prefilled, job.options, mode)
+        return mode, job.prefilled or _PREFILL_POOL.submit(prefill, image, np.asarray(job.selection), mode)
 
     def _prepare_jobs(self, jobs: Sequence[EngineJob]) -> list[_Batch | BaseException]:
         """``_prepare_job`` for each job of a ``run_many`` batch, or the request error that
@@ -502,16 +509,7 @@ class SDInpaintEngine:
                 if self.batch_key(np.shape(job.image)[:2], job.options) is None:
                     raise ValueError("jobs with control inputs run alone")
                 self._seeds(job)
-                image = np.ascontiguousarray(job.image[:, :, :3])
-                factor = self.vae_scale_factor
-                if image.shape[0] % factor or image.shape[1] % factor:
-                    raise ValueError(f"image size {image.shape[1]}x{image.shape[0]} is not a multiple of {factor}")
-                scheduler_name = str(job.options.get("scheduler") or self.defaults.scheduler)
-                if scheduler_name not in SCHEDULERS:
-                    make_scheduler(scheduler_name, None)  # raises the request error
-                mode = str(job.options.get("mode") or "fill")
-                future = job.prefilled or _PREFILL_POOL.submit(prefill, image, np.asarray(job.selection), mode)
-                pending.append((index, job, mode, future))
+                pending.append((index, job, *self._start_prefill(job)))
             except (EngineError, ValueError) as exc:
                 outcomes[index] = exc
         ready: list[tuple[int, EngineJob, str, np.ndarray]] = []
@@ -530,7 +528,7 @@ class SDInpaintEngine:
                 outcomes[index] = self._prepare(job, prefilled, job.options, mode, encoded=latents.get(index))
             except (EngineError, ValueError) as exc:
                 outcomes[index] = exc
-        return [outcome for outcome in outcomes]  # type: ignore[misc]
+        return outcomes  # type: ignore[return-value]  # every index was set above
 
     def _encode_many(self, items: list[tuple[EngineJob, np.ndarray]]) -> dict[int, torch.Tensor]:
         """VAE latents of several same-size jobs in one encoder call (``_BATCHED_ENCODE_ROWS``
@@ -559,9 +557,7 @@ class SDInpaintEngine:
         steps = int(options.get("steps") or defaults.steps)
         guidance = defaults.guidance if options.get("guidance") is None else float(options["guidance"])
         strength = defaults.strength_by_mode.get(mode, 1.0) if options.get("strength") is None else float(options["strength"])
-        scheduler_name = str(options.get("scheduler") or defaults.scheduler)
-        if scheduler_name not in SCHEDULERS:
-            make_scheduler(scheduler_name, None)  # raises the request error
+        scheduler_name = str(options.get("scheduler") or defaults.scheduler)  # checked by _start_prefill
         device = self._exec_device
         pixels = _to_pixels(prefilled, device) if encoded is None else None
         mask_host = torch.from_numpy(np.asarray(job.denoise_mask, dtype=np.float32) / 255.0)[None, None]
