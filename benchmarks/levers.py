@@ -66,15 +66,23 @@ def apply(lever: str, module, torch) -> None:
             module.fuse_qkv_projections()
 
 
+def _fp16_model(model_class, config: dict, *, seed: int):
+    """A diffusers model of ``config`` with random weights drawn from ``seed`` on the GPU,
+    in fp16 and eval mode: the same weights for every lever measured on it."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.device("cuda"):
+        model = model_class(**config)
+    return model.to(torch.float16).eval()
+
+
 def unet_levers(name: str, config: dict, latent: int, batches: tuple[int, ...], out: dict) -> None:
     import torch
     from diffusers import UNet2DConditionModel
 
     torch.backends.cudnn.benchmark = False
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        unet = UNet2DConditionModel(**config)
-    unet = unet.to(torch.float16).eval()
+    unet = _fp16_model(UNet2DConditionModel, config, seed=0)
     inputs = {batch: _unet_inputs(unet, batch, latent, torch.float16) for batch in batches}
     reference = {}
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -112,10 +120,7 @@ def vae_levers(name: str, config: dict, pixels: int, batches: tuple[int, ...], o
     from diffusers import AutoencoderKL
 
     torch.backends.cudnn.benchmark = False
-    torch.manual_seed(1)
-    with torch.device("cuda"):
-        vae = AutoencoderKL(**config)
-    vae = vae.to(torch.float16).eval()
+    vae = _fp16_model(AutoencoderKL, config, seed=1)
     latent = pixels // 8
     reference = {}
     for lever in ("plain", "cudnn_benchmark", "channels_last"):
@@ -177,9 +182,7 @@ def compiled_levers(out: dict, only: str | None, batches: tuple[int, ...] = (2, 
         key = f"{name}_unet_b{batch}" + ("_cl" if channels_last else "")
         try:
             if name not in models:
-                torch.manual_seed(0)
-                with torch.device("cuda"):
-                    models[name] = UNet2DConditionModel(**config).to(torch.float16).eval()
+                models[name] = _fp16_model(UNet2DConditionModel, config, seed=0)
             unet = models[name]
             unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             args = _unet_inputs(unet, batch, latent, torch.float16)
@@ -229,9 +232,7 @@ def compiled_levers(out: dict, only: str | None, batches: tuple[int, ...] = (2, 
     ):
         key = f"{name}_vae_decode_b1"
         try:
-            torch.manual_seed(1)
-            with torch.device("cuda"):
-                vae = AutoencoderKL(**config).to(torch.float16).eval()
+            vae = _fp16_model(AutoencoderKL, config, seed=1)
             latents = torch.randn(1, 4, pixels // 8, pixels // 8, device="cuda", dtype=torch.float16)
             with torch.inference_mode():
                 replay, reference = graphed(lambda: vae.decode(latents).sample)
