@@ -864,21 +864,12 @@ class Bench:
                 if index >= 1:
                     e2e.append(seconds)
                     runs.append(server.records()[before])
-        ours = summary(e2e)
-        overhead = summary([t - r["engine_s"] for t, r in zip(e2e, runs)])
         self.results["workloads"][name] = {
-            "genfill_e2e_s": ours,
-            "genfill_engine_s": summary([r["engine_s"] for r in runs]),
-            "overhead_s": overhead,
-            "overhead_fraction": overhead["median"] / ours["median"],
-            "peak_gb_genfill": _gb(max(r["peak_bytes"] or 0 for r in runs)),
+            **self._genfill_side(e2e, runs, result.engine),
             "peak_reserved_gb_genfill": _gb(max(r.get("peak_reserved_bytes") or 0 for r in runs)),
             "memory_cap_gb": cap,
-            "unet_calls_genfill": runs[0]["unet_calls"],
             "graph_replays": sum(r.get("graph_replays", 0) for r in runs),
             "offload": all(r.get("offload") for r in runs),
-            "work_px_genfill": runs[0]["work_px"],
-            "engine": result.engine,
         }
 
     def _out_of_time(self, name: str) -> bool:
@@ -920,25 +911,32 @@ class Bench:
                     engine_runs.append(runs[0])
         self.results["workloads"][name] = self._pair(base_runs, e2e, engine_runs, result.engine)
 
-    def _pair(self, base_runs: list[dict], e2e: list[float], engine_runs: list[dict], engine: str) -> dict:
-        base = summary([r["seconds"] for r in base_runs])
+    def _genfill_side(self, e2e: list[float], engine_runs: list[dict], engine: str) -> dict:
+        """What every single-job workload reports of genfill: end to end, the engine's run,
+        the overhead between them, peak memory, UNet calls and working size."""
         ours = summary(e2e)
-        engine_s = summary([r["engine_s"] for r in engine_runs])
         overhead = summary([total - run["engine_s"] for total, run in zip(e2e, engine_runs)])
         return {
-            "plain_diffusers_s": base,
             "genfill_e2e_s": ours,
-            "genfill_engine_s": engine_s,
+            "genfill_engine_s": summary([r["engine_s"] for r in engine_runs]),
             "overhead_s": overhead,
             "overhead_fraction": overhead["median"] / ours["median"],
-            "ratio_e2e_to_plain": ours["median"] / base["median"],
-            "ratio_engine_to_plain": engine_s["median"] / base["median"],
-            "peak_gb_plain": _gb(max((r["peak_bytes"] or 0) for r in base_runs)) if self.cuda else None,
             "peak_gb_genfill": _gb(max((r["peak_bytes"] or 0) for r in engine_runs)) if self.cuda else None,
-            "unet_calls_plain": base_runs[0]["unet_calls"],
             "unet_calls_genfill": engine_runs[0]["unet_calls"],
             "work_px_genfill": engine_runs[0]["work_px"],
             "engine": engine,
+        }
+
+    def _pair(self, base_runs: list[dict], e2e: list[float], engine_runs: list[dict], engine: str) -> dict:
+        base = summary([r["seconds"] for r in base_runs])
+        ours = self._genfill_side(e2e, engine_runs, engine)
+        return {
+            "plain_diffusers_s": base,
+            **ours,
+            "ratio_e2e_to_plain": ours["genfill_e2e_s"]["median"] / base["median"],
+            "ratio_engine_to_plain": ours["genfill_engine_s"]["median"] / base["median"],
+            "peak_gb_plain": _gb(max((r["peak_bytes"] or 0) for r in base_runs)) if self.cuda else None,
+            "unet_calls_plain": base_runs[0]["unet_calls"],
         }
 
     def w_sd15_512(self, server: ServerProcess) -> None:
