@@ -173,8 +173,7 @@ def control_image(
 
 @dataclass
 class _Control:
-    kind: str
-    model: Any
+    kind: str  # the ControlNet is the engine's of this type (``_controlnet``)
     cond: torch.Tensor  # (1, 3, H, W) in [0, 1]; ``inpaint`` marks masked pixels with -1
     strength: float
     start: float
@@ -270,7 +269,7 @@ class ControlNetEngine(SDInpaintEngine):
         prepared = []
         for entry in controls:
             kind = str(entry.get("type"))
-            model = self._controlnet(kind)
+            self._controlnet(kind)  # loaded now, or the request fails before any work
             given = entry.get("image")
             if given is not None and not isinstance(given, str):
                 rgb = _resize_rgb(_as_rgb(given), height, width)
@@ -289,7 +288,6 @@ class ControlNetEngine(SDInpaintEngine):
             prepared.append(
                 _Control(
                     kind=kind,
-                    model=model,
                     cond=cond.to(self._exec_device, self.dtype),
                     strength=float(entry.get("strength", 1.0)),
                     start=float(entry.get("start", 0.0)),
