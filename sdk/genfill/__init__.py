@@ -13,6 +13,7 @@ from .errors import (
     ConnectError,
     ConnectionClosed,
     EngineUnavailable,
+    Unsupported,
     GenfillError,
     JobCancelled,
     JobError,
@@ -21,7 +22,7 @@ from .errors import (
     ProtocolError,
 )
 from .fill import Box, Size
-from .protocol import PROTOCOL_VERSION, ControlInput, ControlType, Mode, Scheduler
+from .protocol import PROTOCOL_VERSION, ControlInput, ControlType, Feature, ImageReference, Mode, ReferenceRole, Scheduler
 from .session import FillResult, JobEvent
 
 __version__ = "0.1.0"
@@ -37,7 +38,11 @@ __all__ = [
     "ConnectionClosed",
     "ControlInput",
     "ControlType",
+    "Feature",
+    "ImageReference",
+    "ReferenceRole",
     "EngineUnavailable",
+    "Unsupported",
     "FillResult",
     "GenfillError",
     "Job",

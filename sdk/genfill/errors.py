@@ -12,7 +12,8 @@ Every error the server reports carries a stable ``code`` (``genfill.protocol.Err
     └── JobError                     a job did not produce a result
         ├── JobFailed                bad input for this job, or the engine failed
         ├── JobCancelled             the job was cancelled
-        └── EngineUnavailable        the engine or model asked for is not installed
+        ├── EngineUnavailable        the engine or model asked for is not installed
+        └── Unsupported              the server or engine lacks a feature, option or role asked for
 """
 
 from __future__ import annotations
@@ -66,6 +67,10 @@ class EngineUnavailable(JobError):
     pass
 
 
+class Unsupported(JobError):
+    pass
+
+
 _CLASS_BY_CODE: dict[ErrorCode, type[GenfillError]] = {
     ErrorCode.BAD_MESSAGE: ProtocolError,
     ErrorCode.UNKNOWN_IMAGE: ProtocolError,
@@ -85,6 +90,7 @@ _CLASS_BY_CODE: dict[ErrorCode, type[GenfillError]] = {
     ErrorCode.ENGINE_UNAVAILABLE: EngineUnavailable,
     ErrorCode.MODEL_NOT_FOUND: EngineUnavailable,
     ErrorCode.WEIGHTS_NOT_INSTALLED: EngineUnavailable,
+    ErrorCode.UNSUPPORTED: Unsupported,
 }
 
 

@@ -15,19 +15,33 @@ A job's life, as the client sees it::
     submit -> accepted -> progress* -> result | error | cancelled
 
 Binary frames a result refers to are always sent before the ``result`` message itself.
+
+How the protocol grows without breaking anyone:
+
+- ``PROTOCOL_VERSION`` changes only for a change an older peer cannot survive. Everything
+  additive is a *feature* the server lists in ``hello.features`` (``Feature``); a client uses
+  what the server offers and the server answers ``unsupported`` to a request for what it lacks.
+- Clients read server messages leniently: unknown fields are ignored, a message of an unknown
+  ``type`` parses as ``UnknownMessage`` (to be skipped), an unknown error code is kept as its
+  string, unknown enum values in lists are dropped.
+- The server reads client messages strictly: an unknown field is refused with
+  ``invalid_request`` / ``bad_message``, so a typo never silently changes a result.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import struct
 from enum import StrEnum
 from typing import Annotated, Literal, NamedTuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 PROTOCOL_VERSION = 1
+"""The major version: a client refuses a server of another major version. Additions are
+features (``Feature``), never a new version."""
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9_.:-]{1,64}$"
 ImageId = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256 of the payload, hex")]
@@ -75,6 +89,34 @@ class ControlType(StrEnum):
     INPAINT = "inpaint"
 
 
+class Feature(StrEnum):
+    """Additions a server may offer, listed in ``hello.features``. A client checks for one
+    before using it; clients ignore names they do not know."""
+
+    REFERENCES = "references"
+    """``FillRequest.references``: extra images by role (``ReferenceRole``)."""
+    WARNINGS = "warnings"
+    """``result.warnings``: what the engine accepted but could not honour (an ignored prompt)."""
+    CAPABILITIES = "capabilities"
+    """``hello.engines[].capabilities``: what each engine takes."""
+    REGIONS = "regions"
+    REMOTE_ENGINES = "remote_engines"
+    FRAMES = "frames"
+
+
+class ReferenceRole(StrEnum):
+    """What an extra image of a request is for."""
+
+    CONTROL = "control"
+    """ControlNet guidance of type ``control_type`` (an edge map, a depth map...)."""
+    REFERENCE = "reference"
+    """A style or content reference (IP-Adapter, an edit model's reference image)."""
+    REGION_MASK = "region_mask"
+    """A gray mask of where a region's conditioning applies."""
+    INIT = "init"
+    """Pixels to start from instead of the canvas's own in the selection."""
+
+
 class ErrorCode(StrEnum):
     """Stable error codes. Clients map them to exception classes; never rename one."""
 
@@ -96,10 +138,37 @@ class ErrorCode(StrEnum):
     OUT_OF_MEMORY = "out_of_memory"
     ENGINE_FAILED = "engine_failed"
     SHUTTING_DOWN = "shutting_down"
+    UNSUPPORTED = "unsupported"
+    """The request asks for a feature, option or reference role the server or engine lacks."""
 
 
 class _Message(BaseModel):
+    """A message a client sends: read strictly by the server."""
+
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class _ServerMessage(BaseModel):
+    """A message the server sends: read leniently by clients (unknown fields ignored)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+
+
+def _known_values(enum: type[StrEnum]):
+    """A list validator that drops values a newer server may send and this client lacks."""
+
+    def keep(values: object) -> object:
+        if not isinstance(values, list):
+            return values
+        known = {member.value for member in enum}
+        return [value for value in values if not isinstance(value, str) or value in known]
+
+    return BeforeValidator(keep)
+
+
+_KnownModes = Annotated[list[Mode], _known_values(Mode)]
+_KnownControlTypes = Annotated[list[ControlType], _known_values(ControlType)]
+_KnownRoles = Annotated[list[ReferenceRole], _known_values(ReferenceRole)]
 
 
 class WireBox(_Message):
@@ -135,7 +204,48 @@ class ControlInput(_Message):
     end: float = Field(1.0, ge=0.0, le=1.0)
 
 
-class Limits(_Message):
+class ImageReference(_Message):
+    """One extra image a request carries, by role.
+
+    Attributes:
+        image: the uploaded image's id.
+        role: what it is for (``ReferenceRole``).
+        weight: how strongly it acts, 0 to 2; for ``control`` the ControlNet's strength.
+        crop: ``context`` for an image the size of the canvas, cropped and scaled with the
+            canvas's context box (control maps, region masks, init images); ``whole`` for an
+            image of any size used as it is (a reference picture). ``None`` takes the role's
+            default: ``whole`` for ``reference``, ``context`` for the others.
+        control_type: the ControlNet this image guides; required for ``control``, refused
+            for the other roles.
+        start, end: the part of the denoising (0 to 1) it acts on.
+    """
+
+    image: ImageId
+    role: ReferenceRole
+    weight: float = Field(1.0, ge=0.0, le=2.0)
+    crop: Literal["context", "whole"] | None = None
+    control_type: ControlType | None = None
+    start: float = Field(0.0, ge=0.0, le=1.0)
+    end: float = Field(1.0, ge=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _check_role_fields(self) -> ImageReference:
+        if self.role is ReferenceRole.CONTROL and self.control_type is None:
+            raise ValueError("a control reference needs control_type (canny, depth, ...)")
+        if self.role is not ReferenceRole.CONTROL and self.control_type is not None:
+            raise ValueError(f"control_type is only for role 'control', not '{self.role}'")
+        if self.start > self.end:
+            raise ValueError(f"start={self.start} is after end={self.end}")
+        return self
+
+    @property
+    def cropped(self) -> bool:
+        """Whether the image is cut with the canvas's context box (see ``crop``)."""
+        crop = self.crop or ("whole" if self.role is ReferenceRole.REFERENCE else "context")
+        return crop == "context"
+
+
+class Limits(_ServerMessage):
     """Limits the server enforces, announced in ``hello``. Over a limit a client gets a
     ``limit_exceeded``-family error; the connection and the server stay up."""
 
@@ -179,6 +289,9 @@ class FillRequest(_Message):
     blend_px: int | None = Field(None, ge=0, le=512)
     expand: Margins | None = None
     control: list[ControlInput] = Field(default_factory=list, max_length=4)
+    references: list[ImageReference] = Field(default_factory=list, max_length=8)
+    """Extra images by role; needs the server's ``references`` feature. A ``control`` entry
+    here and a ``ControlInput`` with an ``image`` are the same thing: the server reads both."""
 
     @field_validator("expand")
     @classmethod
@@ -219,25 +332,55 @@ ClientMessage = Annotated[Union[HasImages, Submit, Cancel], Field(discriminator=
 # Server -> client
 
 
-class EngineInfo(_Message):
+class EngineCapabilities(_ServerMessage):
+    """What an engine takes, as ``hello`` lists it (feature ``capabilities``).
+
+    Attributes:
+        modes: the modes it runs.
+        prompt: whether it uses the prompt; an engine that does not accepts one and says so
+            in ``result.warnings``.
+        soft_masks: whether grey selection values blend (``False``: binarized).
+        options: the ``FillRequest`` generation options it honours (``steps``, ``guidance``,
+            ``strength``, ``scheduler``, ``negative_prompt``, ``control``...); any other
+            one set on a request is refused with ``unsupported``.
+        reference_roles: the ``references`` roles it takes.
+        control_types: the ControlNet types it can use.
+        max_variations: the most variations one job may ask of it.
+        native_size: the side of its native resolution in pixels; ``None``: any size.
+        device_kind: ``gpu``, ``cpu`` or ``remote``.
+    """
+
+    modes: _KnownModes
+    prompt: bool
+    soft_masks: bool = True
+    options: list[str] = Field(default_factory=list)
+    reference_roles: _KnownRoles = Field(default_factory=list)
+    control_types: _KnownControlTypes = Field(default_factory=list)
+    max_variations: int = 8
+    native_size: int | None = None
+    device_kind: str = "cpu"
+
+
+class EngineInfo(_ServerMessage):
     name: str
     available: bool
-    modes: list[Mode]
+    modes: _KnownModes
     description: str = ""
+    capabilities: EngineCapabilities | None = None
 
 
-class ModelInfo(_Message):
+class ModelInfo(_ServerMessage):
     name: str
     engine: str
     architecture: str
     inpaint: bool
     native_size: int
     source: str = Field(description="where it was found: hf_cache, folder or single_file")
-    modes: list[Mode]
-    control: list[ControlType] = Field(default_factory=list)
+    modes: _KnownModes
+    control: _KnownControlTypes = Field(default_factory=list)
 
 
-class Hello(_Message):
+class Hello(_ServerMessage):
     type: Literal["hello"] = "hello"
     server_version: str
     protocol_version: int
@@ -245,29 +388,34 @@ class Hello(_Message):
     models: list[ModelInfo]
     default_engine: str
     limits: Limits
+    features: list[str] = Field(default_factory=list)
+    """The ``Feature`` names this server offers; an open set (clients skip unknown names)."""
+
+    def offers(self, feature: Feature | str) -> bool:
+        return str(feature) in self.features
 
 
-class ImageStatus(_Message):
+class ImageStatus(_ServerMessage):
     type: Literal["image_status"] = "image_status"
     present: list[ImageId]
     missing: list[ImageId]
 
 
-class Uploaded(_Message):
+class Uploaded(_ServerMessage):
     type: Literal["uploaded"] = "uploaded"
     image_id: ImageId
     width: int
     height: int
 
 
-class Accepted(_Message):
+class Accepted(_ServerMessage):
     type: Literal["accepted"] = "accepted"
     job_id: JobId
     queue_position: int = Field(ge=0, description="jobs ahead of this one; 0 runs next")
     duplicate: bool = False
 
 
-class Progress(_Message):
+class Progress(_ServerMessage):
     type: Literal["progress"] = "progress"
     job_id: JobId
     step: int = Field(ge=0)
@@ -275,12 +423,22 @@ class Progress(_Message):
     preview: ImageId | None = None
 
 
-class Variation(_Message):
+class Variation(_ServerMessage):
     image: ImageId
     seed: int
 
 
-class Result(_Message):
+class ResultWarning(_ServerMessage):
+    """Something a job asked for that its engine accepted but did not honour.
+
+    ``code`` is a stable name (``prompt_ignored``, ...), an open set; ``message`` a sentence for
+    the user."""
+
+    code: str
+    message: str
+
+
+class Result(_ServerMessage):
     """A finished job. Each variation's image is an RGBA layer the size of ``box``, to be
     placed at ``box``'s offset in the canvas; its alpha is 0 wherever the canvas must stay
     unchanged. For ``expand`` the box is in the grown canvas, whose origin is the old one's
@@ -293,16 +451,17 @@ class Result(_Message):
     engine: str
     model: str | None = None
     seconds: float = 0.0
+    warnings: list[ResultWarning] = Field(default_factory=list)
 
 
-class Error(_Message):
+class Error(_ServerMessage):
     type: Literal["error"] = "error"
-    code: ErrorCode
+    code: str = Field(description="an ErrorCode value; an open set, so clients keep codes they do not know")
     message: str
     job_id: str | None = None
 
 
-class Cancelled(_Message):
+class Cancelled(_ServerMessage):
     type: Literal["cancelled"] = "cancelled"
     job_id: JobId
 
@@ -323,11 +482,41 @@ def parse_client_message(data: str | bytes) -> HasImages | Submit | Cancel:
     return client_message_adapter.validate_json(data)
 
 
+class UnknownMessage(NamedTuple):
+    """A server message of a ``type`` this client does not know: a newer server's addition,
+    to be skipped."""
+
+    type: str
+    job_id: str | None = None
+
+
+_KNOWN_SERVER_TYPES = frozenset(
+    model.model_fields["type"].default for model in (Hello, ImageStatus, Uploaded, Accepted, Progress, Result, Error, Cancelled)
+)
+
+
 def parse_server_message(
     data: str | bytes,
-) -> Hello | ImageStatus | Uploaded | Accepted | Progress | Result | Error | Cancelled:
-    """Parses one JSON text frame from the server. Raises ``pydantic.ValidationError``."""
-    return server_message_adapter.validate_json(data)
+) -> Hello | ImageStatus | Uploaded | Accepted | Progress | Result | Error | Cancelled | UnknownMessage:
+    """Parses one JSON text frame from the server, leniently (see the module docstring).
+
+    Returns ``UnknownMessage`` for a JSON object whose ``type`` this client does not know.
+
+    Raises:
+        pydantic.ValidationError: not JSON, no ``type``, or a known message that lacks a field
+            or has one of the wrong kind.
+    """
+    try:
+        return server_message_adapter.validate_json(data)
+    except ValidationError as exc:
+        if exc.errors()[0]["type"] != "union_tag_invalid":
+            raise
+        message = json.loads(data)
+        kind = message.get("type")
+        if not isinstance(kind, str) or kind in _KNOWN_SERVER_TYPES:
+            raise
+        job_id = message.get("job_id")
+        return UnknownMessage(kind, job_id if isinstance(job_id, str) else None)
 
 
 def json_schema() -> dict:
