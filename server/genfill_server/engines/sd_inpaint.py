@@ -3,7 +3,7 @@
 diffusers' inpaint pipelines binarize the mask, have no cancel and decode previews only
 through the VAE. This engine takes the components of an already built pipeline
 (``StableDiffusionInpaintPipeline``, ``StableDiffusionPipeline``, and their XL twins) and runs
-the loop itself:
+the loop itself (with the schedulers of ``schedulers``):
 
 - **Differential denoising** keeps soft masks soft (Levin & Fried, "Differential Diffusion",
   2023). With ``m`` in [0, 1] the denoise mask at latent resolution and ``N`` steps, a latent
@@ -71,61 +71,13 @@ from .base import (
 from .graphs import GraphedStep, compiler_for, graphs_enabled
 from .latent_preview import preview_due, preview_rgb
 from .prefill import prefill
+from .schedulers import SCHEDULERS, make_scheduler, noise_coefficients, strength_timesteps
 
 logger = logging.getLogger("genfill.engines.sd_inpaint")
 
+# The scheduler names stay importable from here, where they were defined before
+# ``schedulers`` held them.
 __all__ = ["SCHEDULERS", "SDInpaintEngine", "make_scheduler", "noise_coefficients"]
-
-SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
-"""Scheduler names a request may ask for (``FillRequest.scheduler``)."""
-
-
-def make_scheduler(name: str, config: Any):
-    """A fresh scheduler of kind ``name`` built from a model's own scheduler ``config``, so
-    its training betas and prediction type (epsilon or v for SD2-768) carry over.
-
-    Raises:
-        EngineError: ``invalid_request`` for an unknown name.
-    """
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-        UniPCMultistepScheduler,
-    )
-
-    if name == "ddim":
-        return DDIMScheduler.from_config(config, set_alpha_to_one=False)
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(config)
-    if name == "euler_a":
-        return EulerAncestralDiscreteScheduler.from_config(config)
-    if name == "dpmpp_2m":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-    if name == "dpmpp_2m_karras":
-        return DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True
-        )
-    if name == "unipc":
-        return UniPCMultistepScheduler.from_config(config)
-    raise EngineError(ErrorCode.INVALID_REQUEST, f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-
-
-def noise_coefficients(scheduler: Any, timestep: torch.Tensor, timesteps_host: torch.Tensor) -> tuple[float, float]:
-    """``(a, b)`` such that ``scheduler.add_noise(x0, noise, timestep)`` is ``a * x0 + b *
-    noise`` in the scheduler's present state (it is linear in both for every scheduler
-    here). ``timestep`` is a 1-element host tensor and ``timesteps_host`` a host copy of
-    ``scheduler.timesteps``, which stands in for them meanwhile: worked out on the host, the
-    coefficients never wait for the device, where ``add_noise`` on device tensors copies the
-    schedule across, and so waits for the device, at every call."""
-    one, zero = torch.ones(1), torch.zeros(1)
-    timesteps = scheduler.timesteps
-    scheduler.timesteps = timesteps_host
-    try:
-        return float(scheduler.add_noise(one, zero, timestep)), float(scheduler.add_noise(zero, one, timestep))
-    finally:
-        scheduler.timesteps = timesteps
 
 
 _STRENGTH = {"fill": 1.0, "expand": 1.0, "add": 1.0, "remove": 1.0}
@@ -727,12 +679,7 @@ class SDInpaintEngine:
         device = self._exec_device
         first = parts[0].batch
         scheduler = self._fresh_scheduler(first.scheduler_name)
-        scheduler.set_timesteps(first.steps, device=device)
-        init_steps = min(max(int(first.steps * first.strength), 1), first.steps)
-        start = (first.steps - init_steps) * scheduler.order
-        timesteps = scheduler.timesteps[start:]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(start)
+        timesteps, start = strength_timesteps(scheduler, first.steps, first.strength, device)
         total_steps = len(timesteps)
         timesteps_host = scheduler.timesteps.cpu()
         seeds = [seed for part in parts for seed in part.seeds]
