@@ -3,7 +3,8 @@
 diffusers' inpaint pipelines binarize the mask, have no cancel and decode previews only
 through the VAE. This engine takes the components of an already built pipeline
 (``StableDiffusionInpaintPipeline``, ``StableDiffusionPipeline``, and their XL twins) and runs
-the loop itself (with the schedulers of ``schedulers``):
+the loop itself (with the schedulers of ``schedulers`` and the prompt embeddings of
+``conditioning``):
 
 - **Differential denoising** keeps soft masks soft (Levin & Fried, "Differential Diffusion",
   2023). With ``m`` in [0, 1] the denoise mask at latent resolution and ``N`` steps, a latent
@@ -45,9 +46,7 @@ import copy
 import inspect
 import logging
 import os
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -68,6 +67,7 @@ from .base import (
     StepCallback,
     torch_errors,
 )
+from .conditioning import Conditioning, PromptCache, encode_prompt
 from .graphs import GraphedStep, compiler_for, graphs_enabled
 from .latent_preview import preview_due, preview_rgb
 from .prefill import prefill
@@ -214,9 +214,8 @@ class SDInpaintEngine:
         self.encode_runner = GraphedStep(self._vae_encode, enabled=False, compiler=compiler, name="VAE encoder")
         self.decode_runner = GraphedStep(self._vae_decode, enabled=False, compiler=compiler, name="VAE decoder")
         self._check_vae = False
-        self._prompts: OrderedDict[tuple, tuple[torch.Tensor, dict[str, torch.Tensor] | None]] = OrderedDict()
+        self._prompts = PromptCache(self._PROMPT_CACHE_SIZE)
         self._schedulers: dict[str, Any] = {}
-        self._prompt_lock = threading.Lock()
 
     # Engine protocol
 
@@ -586,61 +585,15 @@ class SDInpaintEngine:
 
     def _encode_prompt(
         self, prompt: str, negative: str, do_cfg: bool, size: tuple[int, int]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """The prompt's embeddings, from a small cache: artists repeat prompts, and SDXL's two
-        text encoders cost tens of milliseconds a job."""
+    ) -> Conditioning:
+        """The prompt's embeddings (``conditioning.encode_prompt``), from this engine's cache."""
         key = (prompt, negative, do_cfg, tuple(size) if self.family == "sdxl" else None, self.dtype)
-        with self._prompt_lock:
-            cached = self._prompts.get(key)
-            if cached is not None:
-                self._prompts.move_to_end(key)
-                return cached
-        encoded = self._encode_prompt_uncached(prompt, negative, do_cfg, size)
-        with self._prompt_lock:
-            self._prompts[key] = encoded
-            while len(self._prompts) > self._PROMPT_CACHE_SIZE:
-                self._prompts.popitem(last=False)
-        return encoded
-
-    def _encode_prompt_uncached(
-        self, prompt: str, negative: str, do_cfg: bool, size: tuple[int, int]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        pipe = self.pipeline
-        device = self._exec_device
-        if self.family == "sd15":
-            positive, negative_embeds = pipe.encode_prompt(
-                prompt, device, 1, do_cfg, negative_prompt=negative or None
-            )
-            embeds = torch.cat([negative_embeds, positive]) if do_cfg else positive
-            return embeds.to(self.dtype), None
-        positive, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=prompt,
-            device=device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=do_cfg,
-            negative_prompt=negative or None,
+        return self._prompts.get(
+            key,
+            lambda: encode_prompt(
+                self.pipeline, self.family, prompt, negative, do_cfg, size, device=self._exec_device, dtype=self.dtype
+            ),
         )
-        height, width = size
-        time_ids = self._time_ids(height, width, aesthetic=6.0)
-        if do_cfg:
-            embeds = torch.cat([negative_embeds, positive])
-            text_embeds = torch.cat([negative_pooled, pooled])
-            time_ids = torch.cat([self._time_ids(height, width, aesthetic=2.5), time_ids])
-        else:
-            embeds, text_embeds = positive, pooled
-        added = {"text_embeds": text_embeds.to(self.dtype), "time_ids": time_ids.to(device, self.dtype)}
-        return embeds.to(self.dtype), added
-
-    def _time_ids(self, height: int, width: int, *, aesthetic: float) -> torch.Tensor:
-        """SDXL micro-conditioning: original size, crop origin and target size; a refiner-
-        style UNet (5 numbers) takes an aesthetic score instead of the target size."""
-        unet = self.pipeline.unet
-        expected = unet.add_embedding.linear_1.in_features
-        pooled_dim = expected - 6 * unet.config.addition_time_embed_dim
-        values = [height, width, 0, 0, height, width]
-        if pooled_dim != self.pipeline.text_encoder_2.config.projection_dim:
-            values = [height, width, 0, 0, aesthetic]
-        return torch.tensor([values], dtype=torch.float32)
 
     def _unet_step(
         self,
