@@ -2,7 +2,7 @@
 
 Each is built from a model's own scheduler config, so its training betas and prediction type
 carry over. ``noise_coefficients`` and ``strength_timesteps`` are what the denoising loop
-(``sd_inpaint``) needs of a scheduler beyond diffusers' ``step``.
+(``denoise``) needs of a scheduler beyond diffusers' ``step``.
 """
 
 from __future__ import annotations

@@ -3,8 +3,8 @@
 diffusers' inpaint pipelines binarize the mask, have no cancel and decode previews only
 through the VAE. This engine takes the components of an already built pipeline
 (``StableDiffusionInpaintPipeline``, ``StableDiffusionPipeline``, and their XL twins) and runs
-the loop itself (with the schedulers of ``schedulers`` and the prompt embeddings of
-``conditioning``):
+the loop itself (``denoise``, with the schedulers of ``schedulers`` and the prompt
+embeddings of ``conditioning``):
 
 - **Differential denoising** keeps soft masks soft (Levin & Fried, "Differential Diffusion",
   2023). With ``m`` in [0, 1] the denoise mask at latent resolution and ``N`` steps, a latent
@@ -43,13 +43,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
+import functools
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -68,10 +67,10 @@ from .base import (
     torch_errors,
 )
 from .conditioning import Conditioning, PromptCache, encode_prompt
+from .denoise import Batch, Part, denoise
 from .graphs import GraphedStep, compiler_for, graphs_enabled
-from .latent_preview import preview_due, preview_rgb
 from .prefill import prefill
-from .schedulers import SCHEDULERS, make_scheduler, noise_coefficients, strength_timesteps
+from .schedulers import SCHEDULERS, make_scheduler, noise_coefficients
 
 logger = logging.getLogger("genfill.engines.sd_inpaint")
 
@@ -93,50 +92,12 @@ _BATCHED_ENCODE_PIXELS = 768 * 768
 _BATCHED_ENCODE_ROWS = 16
 """The most images one encoder call takes when ``run_many`` encodes several jobs together."""
 
-_BATCHED_DECODE_LATENT_PIXELS = 8 * 64 * 64
-"""``run_many`` decodes every job's latents in one decoder call up to this many latent
-pixels in all (eight 512x512 images at SD's factor of 8); larger batches decode job by job."""
-
 _PREFILL_POOL = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="genfill-prefill")
 
 
 def default_dtype(device: str) -> torch.dtype:
     """fp16 on CUDA (bf16 where the caller asks), fp32 elsewhere: CPU half is slow and lossy."""
     return torch.float16 if str(device).startswith("cuda") else torch.float32
-
-
-@dataclass
-class _Batch:
-    """One job's prepared tensors, shared by every chunk of its variations."""
-
-    x0: torch.Tensor  # (1, C, h, w) original latents, in the denoiser's space
-    m: torch.Tensor  # (1, 1, h, w) denoise mask in [0, 1]
-    inpaint_cond: torch.Tensor | None  # (1, 1 + C, h, w) mask and masked-image latents
-    embeds: torch.Tensor  # (2 or 1, L, D): negative first when guiding
-    added: dict[str, torch.Tensor] | None  # SDXL micro-conditioning, batch as embeds
-    guidance: float
-    scheduler_name: str
-    steps: int
-    strength: float
-    m_host: torch.Tensor | None = None  # ``m`` on the CPU, to decide each step without a sync
-
-    def batch_key(self) -> tuple:
-        """Jobs with equal keys can share one denoising batch."""
-        return (tuple(self.x0.shape[1:]), self.x0.dtype, self.inpaint_cond is not None, tuple(self.embeds.shape[1:]),
-                self.added is None, self.guidance, self.scheduler_name, self.steps, self.strength)
-
-
-@dataclass
-class _Part:
-    """The rows of one job (or one chunk of its variations) in a denoising batch."""
-
-    batch: _Batch
-    seeds: list[int]
-    on_step: StepCallback
-    chunk_index: int = 0
-    chunk_count: int = 1
-    images: list[np.ndarray] = field(default_factory=list)
-    error: BaseException | None = None
 
 
 class SDInpaintEngine:
@@ -311,7 +272,7 @@ class SDInpaintEngine:
                 while done < len(seeds):
                     chunk = seeds[done : done + limit]
                     chunk_count = chunks_run + _chunks(len(seeds) - done, limit)
-                    part = _Part(batch, chunk, on_step, chunks_run, chunk_count)
+                    part = Part(batch, chunk, on_step, chunks_run, chunk_count)
                     try:
                         self._denoise([part], control)
                     except torch.cuda.OutOfMemoryError:
@@ -357,14 +318,14 @@ class SDInpaintEngine:
         """
         self._check_loaded()
         outcomes: list[list[np.ndarray] | BaseException | None] = [None] * len(jobs)
-        parts: list[tuple[int, _Part]] = []
+        parts: list[tuple[int, Part]] = []
         with torch.inference_mode():
             try:
                 for index, prepared in enumerate(self._prepare_jobs(jobs)):
                     if isinstance(prepared, BaseException):
                         outcomes[index] = prepared
                     else:
-                        parts.append((index, _Part(prepared, self._seeds(jobs[index]), on_steps[index])))
+                        parts.append((index, Part(prepared, self._seeds(jobs[index]), on_steps[index])))
                 keys = {part.batch.batch_key() for _, part in parts}
                 if len(keys) > 1:
                     raise ValueError("run_many needs jobs of one batch key")
@@ -435,7 +396,7 @@ class SDInpaintEngine:
 
     # Steps of a run
 
-    def _prepare_job(self, job: EngineJob) -> _Batch:
+    def _prepare_job(self, job: EngineJob) -> Batch:
         mode, prefilled = self._start_prefill(job)
         return self._prepare(job, prefilled.result(), job.options, mode)
 
@@ -452,12 +413,12 @@ class SDInpaintEngine:
         mode = str(job.options.mode)
         return mode, job.prefilled or _PREFILL_POOL.submit(prefill, image, np.asarray(job.selection), mode)
 
-    def _prepare_jobs(self, jobs: Sequence[EngineJob]) -> list[_Batch | BaseException]:
+    def _prepare_jobs(self, jobs: Sequence[EngineJob]) -> list[Batch | BaseException]:
         """``_prepare_job`` for each job of a ``run_many`` batch, or the request error that
         ends it. The pre-fills (numpy) run side by side on helper threads, and the images
         of small jobs go through the VAE encoder in one batch instead of one call a job,
         so the device waits for neither."""
-        outcomes: list[_Batch | BaseException | None] = [None] * len(jobs)
+        outcomes: list[Batch | BaseException | None] = [None] * len(jobs)
         pending: list[tuple[int, EngineJob, str, Future]] = []
         for index, job in enumerate(jobs):
             try:
@@ -507,7 +468,7 @@ class SDInpaintEngine:
 
     def _prepare(
         self, job: EngineJob, prefilled: np.ndarray, options: EngineOptions, mode: str, encoded: torch.Tensor | None = None
-    ) -> _Batch:
+    ) -> Batch:
         # Resolved by the pipeline (``EngineOptions.resolve``); the fallbacks serve a job
         # built with bare ``EngineOptions()``.
         defaults = self.defaults
@@ -547,7 +508,7 @@ class SDInpaintEngine:
         embeds, added = self._encode_prompt(
             options.prompt, options.negative_prompt, do_cfg, prefilled.shape[:2]
         )
-        return _Batch(x0, m, inpaint_cond, embeds, added, guidance, scheduler_name, steps, strength, m_host)
+        return Batch(x0, m, inpaint_cond, embeds, added, guidance, scheduler_name, steps, strength, m_host)
 
     def _vae(self, call: Callable[[Any], torch.Tensor]) -> torch.Tensor:
         """``call(vae)``, in fp16 while a VAE that asks for fp32 gives finite results; at its
@@ -623,115 +584,20 @@ class SDInpaintEngine:
             noise_pred = uncond + guidance * (cond - uncond)
         return noise_pred
 
-    def _denoise(self, parts: list[_Part], control: Any) -> None:
-        """Denoises every part's rows in one batch; fills each part's ``images`` or ``error``.
-
-        ``JobCancelledError`` from a part's ``on_step`` ends that part (no more callbacks, its
-        rows discarded); the loop stops, before its next UNet call, once no part is left.
-        """
-        device = self._exec_device
+    def _denoise(self, parts: list[Part], control: Any) -> None:
+        """``denoise.denoise`` on this engine's UNet step, VAE decoder and a fresh scheduler of
+        the parts' kind; ``control`` is what ``_prepare_control`` returned (``None``: none)."""
         first = parts[0].batch
-        scheduler = self._fresh_scheduler(first.scheduler_name)
-        timesteps, start = strength_timesteps(scheduler, first.steps, first.strength, device)
-        total_steps = len(timesteps)
-        timesteps_host = scheduler.timesteps.cpu()
-        seeds = [seed for part in parts for seed in part.seeds]
-        counts = [len(part.seeds) for part in parts]
-        size = len(seeds)
-        offsets = np.cumsum([0, *counts]).tolist()
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        shape = tuple(first.x0.shape[1:])
-        noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
-        noise = noise.to(device, self.dtype)
-
-        def rows(tensors: list[torch.Tensor]) -> torch.Tensor:
-            if len(tensors) == 1:
-                return tensors[0].expand(counts[0], *tensors[0].shape[1:])
-            return torch.cat([t.expand(n, *t.shape[1:]) for t, n in zip(tensors, counts)])
-
-        x0 = rows([part.batch.x0 for part in parts])
-        m = rows([part.batch.m for part in parts])
-        m_host = [part.batch.m_host for part in parts]
-        if first.strength >= 1.0:
-            latents = noise * scheduler.init_noise_sigma
-        else:
-            latents = scheduler.add_noise(x0, noise, timesteps[:1].repeat(size))
-        guiding = first.guidance > 1.0
-        guidance = torch.tensor(first.guidance, device=device, dtype=self.dtype) if guiding else None
-        if guiding:
-            embeds = torch.cat([rows([p.batch.embeds[:1] for p in parts]), rows([p.batch.embeds[1:] for p in parts])])
-        else:
-            embeds = rows([p.batch.embeds for p in parts]).contiguous()
-        added = None
-        if first.added is not None:
-            added = {}
-            for key in first.added:
-                if guiding:
-                    added[key] = torch.cat([
-                        rows([p.batch.added[key][:1] for p in parts]), rows([p.batch.added[key][1:] for p in parts])
-                    ])
-                else:
-                    added[key] = rows([p.batch.added[key] for p in parts]).contiguous()
-        inpaint_cond = None
-        if first.inpaint_cond is not None:
-            cond_rows = rows([part.batch.inpaint_cond for part in parts])
-            inpaint_cond = torch.cat([cond_rows, cond_rows]) if guiding else cond_rows.contiguous()
-        step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        live = list(range(len(parts)))
-        try:
-            for i, t in enumerate(timesteps):
-                threshold = 1.0 - (i + 1) / total_steps
-                if not all(bool((host > threshold).all()) for host in m_host if host is not None):
-                    active = (m > threshold).to(latents.dtype)
-                    keep_scale, noise_scale = noise_coefficients(
-                        scheduler, timesteps_host[start + i].reshape(1), timesteps_host
-                    )
-                    noised = x0 * keep_scale + noise * noise_scale
-                    latents = active * latents + (1 - active) * noised
-                scaled = scheduler.scale_model_input(latents, t)
-                residuals = None
-                if control is not None:
-                    model_in = torch.cat([scaled, scaled]) if guiding else scaled
-                    residuals = self._control_residuals(control, i, total_steps, model_in, t, embeds, added, size)
-                noise_pred = self.step_runner(scaled, t, inpaint_cond, embeds, added, residuals, guidance)
-                out = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=True)
-                latents = out.prev_sample
-                previews: list[np.ndarray | None] = [None] * len(parts)
-                if preview_due(i + 1, total_steps):
-                    x0_pred = getattr(out, "pred_original_sample", None)
-                    source = latents if x0_pred is None else x0_pred
-                    firsts = source[[offsets[index] for index in live]].float().cpu().numpy()
-                    for index, latent in zip(live, firsts):
-                        previews[index] = preview_rgb(latent, self.family)
-                for index in list(live):
-                    part = parts[index]
-                    try:
-                        # Progress counts the steps of every chunk of variations.
-                        part.on_step(part.chunk_index * total_steps + i + 1, part.chunk_count * total_steps, previews[index])
-                    except JobCancelledError as exc:
-                        part.error = exc
-                        live.remove(index)
-                if not live:
-                    return
-            keep = (m > 0).to(latents.dtype)
-            latents = keep * latents + (1 - keep) * x0
-            live_rows = sum(counts[index] for index in live)
-            if len(live) > 1 and live_rows * latents.shape[-1] * latents.shape[-2] <= _BATCHED_DECODE_LATENT_PIXELS:
-                # One decoder call and one copy to the host for every job of the batch.
-                if len(live) == len(parts):
-                    images = self._decode(latents)
-                else:
-                    rows_of = [torch.arange(offsets[index], offsets[index + 1]) for index in live]
-                    images = self._decode(latents[torch.cat(rows_of).to(latents.device)])
-                start = 0
-                for index in live:
-                    parts[index].images = images[start : start + counts[index]]
-                    start += counts[index]
-            else:
-                for index in live:
-                    parts[index].images = self._decode(latents[offsets[index] : offsets[index + 1]])
-        finally:
-            del latents, noise
+        denoise(
+            parts,
+            self._fresh_scheduler(first.scheduler_name),
+            step=self.step_runner,
+            decode=self._decode,
+            control_residuals=None if control is None else functools.partial(self._control_residuals, control),
+            device=self._exec_device,
+            dtype=self.dtype,
+            family=self.family,
+        )
 
     # Hooks for the ControlNet engine
 
