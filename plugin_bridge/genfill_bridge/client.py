@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from ipaddress import ip_address
 from urllib.parse import urlsplit
 
@@ -54,12 +54,16 @@ class Variation:
 
 @dataclass(frozen=True)
 class JobResult:
+    """A finished job. ``warnings`` are sentences for the painter about what the engine
+    accepted but did not honour (an ignored prompt); empty when there is nothing to say."""
+
     job_id: str
     box: Box
     variations: list[Variation]
     engine: str
     model: str | None
     seconds: float
+    warnings: list[str] = field(default_factory=list)
 
 
 class ServerConnection:
@@ -269,7 +273,16 @@ def _result(message: dict, received: dict[str, bytes], canvas: Size) -> JobResul
         engine=message["engine"],
         model=message.get("model"),
         seconds=float(message.get("seconds", 0.0)),
+        warnings=_warnings(message.get("warnings")),
     )
+
+
+def _warnings(warnings: object) -> list[str]:
+    # A newer server may add fields to a warning or send an odd entry: keep what reads as a
+    # sentence, never fail a finished job over its warnings.
+    if not isinstance(warnings, list):
+        return []
+    return [str(w["message"]) for w in warnings if isinstance(w, dict) and isinstance(w.get("message"), str)]
 
 
 def _notify(on_event: Callable[[JobEvent], None] | None, event: JobEvent) -> None:

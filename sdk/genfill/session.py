@@ -36,6 +36,7 @@ from .protocol import (
     Mode,
     Progress,
     Result,
+    ResultWarning,
     Submit,
     Uploaded,
     WireBox,
@@ -81,6 +82,9 @@ class FillResult:
         seeds: the seed of each variation; resubmitting with ``seed=seeds[i], variations=1``
             reproduces variation ``i``.
         canvas_size: the size of the result canvas (larger than the input after ``expand``).
+        warnings: what the engine accepted but did not honour (an ignored prompt), each a
+            ``ResultWarning`` with a stable ``code`` and a ``message`` for the user; empty when
+            everything was honoured or the server predates the ``warnings`` feature.
     """
 
     job_id: str
@@ -92,6 +96,7 @@ class FillResult:
     model: str | None
     seconds: float
     _base_canvas: np.ndarray = field(repr=False)
+    warnings: list[ResultWarning] = field(default_factory=list)
 
     @property
     def images(self) -> list[PILImage.Image]:
@@ -187,6 +192,7 @@ class JobState:
                 model=message.model,
                 seconds=message.seconds,
                 _base_canvas=base,
+                warnings=list(message.warnings),
             )
             self.status = "done"
             return [JobEvent("result", self.job_id)]
