@@ -62,31 +62,56 @@ class FakePeer:
     """Serves on 127.0.0.1, port 0: sends ``hello_message``, answers ``has_images`` with every
     image missing, takes uploads, and hands each ``submit`` to ``script``.
 
-    ``received`` lists every text message the peer got, parsed.
+    Args:
+        script: answers each submit; ``None`` sends a small result.
+        hello_message: the first message; ``None`` sends ``hello()``.
+        send_hello: ``False`` stays silent after the handshake (a server that hangs).
+        answer_has_images: ``False`` never answers ``has_images``.
+
+    ``received`` lists every text message the peer got, parsed; ``uploads`` the
+    ``FrameHeader`` of every binary frame; ``close_codes`` the close code of each
+    connection that ended.
     """
 
-    def __init__(self, script: Script | None = None, *, hello_message: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        script: Script | None = None,
+        *,
+        hello_message: dict[str, Any] | None = None,
+        send_hello: bool = True,
+        answer_has_images: bool = True,
+    ) -> None:
         self.script = script or (lambda connection, submit: send_all(connection, result_frames(submit["job_id"])))
         self.hello_message = hello() if hello_message is None else hello_message
+        self.send_hello = send_hello
+        self.answer_has_images = answer_has_images
         self.received: list[dict[str, Any]] = []
+        self.uploads: list[p.FrameHeader] = []
+        self.close_codes: list[int | None] = []
         self._server = serve(self._handle, "127.0.0.1", 0, compression=None, max_size=2**28)
         self.url = "ws://127.0.0.1:%d" % self._server.socket.getsockname()[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def _handle(self, connection: ServerConnection) -> None:
-        connection.send(json.dumps(self.hello_message))
+        if self.send_hello:
+            connection.send(json.dumps(self.hello_message))
         try:
             for data in connection:
                 if isinstance(data, bytes):
+                    self.uploads.append(p.decode_frame(data)[0])
                     continue
                 message = json.loads(data)
                 self.received.append(message)
-                if message["type"] == "has_images":
+                if message["type"] == "has_images" and self.answer_has_images:
                     connection.send(json.dumps({"type": "image_status", "present": [], "missing": message["image_ids"]}))
                 elif message["type"] == "submit":
                     self.script(connection, message)
         except Exception:  # noqa: BLE001 - a client closing mid-script ends the script, nothing more
             pass
+        self.close_codes.append(connection.close_code)
+
+    def kinds(self) -> list[str]:
+        return [message["type"] for message in self.received]
 
     def __enter__(self) -> FakePeer:
         self._thread.start()

@@ -34,9 +34,11 @@ class AsyncJob(core.JobHandle):
     def __aiter__(self) -> AsyncIterator[core.JobEvent]:
         return self.events()
 
-    async def events(self, timeout_s: float | None = None) -> AsyncIterator[core.JobEvent]:
+    def events(self, timeout_s: float | None = None) -> AsyncIterator[core.JobEvent]:
         """As ``Job.events``. Safe to cancel: no event is lost, a new iteration goes on."""
-        deadline = Deadline(timeout_or(timeout_s, self._client._settings.job_timeout_s))
+        return self._events_by(Deadline(timeout_or(timeout_s, self._client._settings.job_timeout_s)))
+
+    async def _events_by(self, deadline: Deadline) -> AsyncIterator[core.JobEvent]:
         while True:
             try:
                 event = await asyncio.wait_for(self._events.get(), deadline.remaining_s())
@@ -48,7 +50,9 @@ class AsyncJob(core.JobHandle):
 
     async def result(self, timeout_s: float | None = None) -> core.FillResult:
         """As ``Job.result``. Safe to cancel: it stops waiting, the job goes on (``cancel()``)."""
-        deadline = Deadline(timeout_or(timeout_s, self._client._settings.job_timeout_s))
+        return await self._result_by(Deadline(timeout_or(timeout_s, self._client._settings.job_timeout_s)))
+
+    async def _result_by(self, deadline: Deadline) -> core.FillResult:
         try:
             await asyncio.wait_for(self._done.wait(), deadline.remaining_s())
         except TimeoutError:
@@ -204,9 +208,9 @@ class AsyncClient(BaseClient):
         deadline = Deadline(timeout_or(timeout_s, self._settings.job_timeout_s))
         try:
             if on_progress is not None:
-                async for event in job.events(deadline.remaining_s()):
+                async for event in job._events_by(deadline):
                     on_progress(event)
-            return await job.result(deadline.remaining_s())
+            return await job._result_by(deadline)
         except (Timeout, asyncio.CancelledError):
             # The caller stopped waiting: the server should stop working on it too.
             with contextlib.suppress(GenfillError):

@@ -53,14 +53,16 @@ class Job(core.JobHandle):
         """Yields events until the job's terminal event (included).
 
         Args:
-            timeout_s: the most seconds to wait for the terminal event, from the first call
-                to ``next``; ``None`` means the client's ``job_timeout_s`` (600 s unless set).
+            timeout_s: the most seconds to wait for the terminal event, counted from this
+                call; ``None`` means the client's ``job_timeout_s`` (600 s unless set).
 
         Raises:
             Timeout: the job did not end in time (it goes on: ``cancel()`` stops it).
         """
         _refuse_inside_event_loop("events")
-        deadline = Deadline(timeout_or(timeout_s, self._client._settings.job_timeout_s))
+        return self._events_by(Deadline(timeout_or(timeout_s, self._client._settings.job_timeout_s)))
+
+    def _events_by(self, deadline: Deadline) -> Iterator[core.JobEvent]:
         while True:
             try:
                 event = self._events.get(timeout=deadline.remaining_s())
@@ -82,7 +84,9 @@ class Job(core.JobHandle):
                 job's own error.
         """
         _refuse_inside_event_loop("result")
-        deadline = Deadline(timeout_or(timeout_s, self._client._settings.job_timeout_s))
+        return self._result_by(Deadline(timeout_or(timeout_s, self._client._settings.job_timeout_s)))
+
+    def _result_by(self, deadline: Deadline) -> core.FillResult:
         if not self._done.wait(deadline.remaining_s()):
             raise deadline.expired(f"job {self.job_id} did not finish")
         return self.state.outcome()
@@ -321,9 +325,9 @@ class Client(BaseClient):
         deadline = Deadline(timeout_or(timeout_s, self._settings.job_timeout_s))
         try:
             if on_progress is not None:
-                for event in job.events(deadline.remaining_s()):
+                for event in job._events_by(deadline):
                     on_progress(event)
-            return job.result(deadline.remaining_s())
+            return job._result_by(deadline)
         except Timeout:
             # The caller stopped waiting: the server should stop working on it too.
             with contextlib.suppress(GenfillError):
