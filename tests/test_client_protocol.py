@@ -8,21 +8,18 @@ middle of a job). Tests that need the real server say so by taking the ``server`
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import json
 import logging
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from genfill import AsyncClient, Client, errors
-from genfill.aio import AsyncJob
 from genfill.protocol import ResultWarning
 
+from blocking import Blocking, Loop
 from fake_peer import fake_peer, hello, result_frames, send_all
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,57 +35,11 @@ WARNING = {"code": "prompt_ignored", "message": "The classic engine ignores the 
 QUICK = {"open_timeout_s": 2, "reply_timeout_s": 2, "job_timeout_s": 5}
 
 
-class _Loop:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coroutine, timeout_s: float = 60):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
-class Blocking:
-    """An ``AsyncClient`` or ``AsyncJob`` behind blocking calls, run on its own loop thread,
-    so each scenario below runs through both clients unchanged."""
-
-    def __init__(self, target, loop: _Loop) -> None:
-        self._target = target
-        self._loop = loop
-
-    def __getattr__(self, name):
-        attribute = getattr(self._target, name)
-        if name == "events":
-
-            def collect(*args, **kwargs):
-                async def gather():
-                    return [event async for event in attribute(*args, **kwargs)]
-
-                return iter(self._loop.run(gather()))
-
-            return collect
-        if inspect.iscoroutinefunction(attribute):
-
-            def call(*args, **kwargs):
-                out = self._loop.run(attribute(*args, **kwargs))
-                return Blocking(out, self._loop) if isinstance(out, AsyncJob) else out
-
-            return call
-        return attribute
-
-    def close(self) -> None:
-        self._loop.run(self._target.aclose())
-
-
 @pytest.fixture(params=["sync", "async"])
 def make_client(request):
     """Makes an unconnected SDK client of one kind: ``make_client(url, **options)``."""
     made = []
-    loop = _Loop() if request.param == "async" else None
+    loop = Loop() if request.param == "async" else None
 
     def make(url: str, token: str = "t", **options):
         if loop is None:

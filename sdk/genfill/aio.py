@@ -192,20 +192,21 @@ class AsyncClient(BaseClient):
         timeout_s: float | None = None, **options: Any
     ) -> core.FillResult:
         """As ``Client.fill``. Cancelling it cancels the job on the server."""
+        deadline = Deadline(timeout_or(timeout_s, self._settings.job_timeout_s))
         job = await self.submit_fill(image, mask, prompt, **options)
-        return await self._finish(job, on_progress, timeout_s)
+        return await self._finish(job, on_progress, deadline)
 
     async def expand(
         self, image: ImageInput, *, on_progress: core.OnProgress = None, timeout_s: float | None = None, **options: Any
     ) -> core.FillResult:
         """As ``Client.expand``. Cancelling it cancels the job on the server."""
+        deadline = Deadline(timeout_or(timeout_s, self._settings.job_timeout_s))
         job = await self.submit_expand(image, **options)
-        return await self._finish(job, on_progress, timeout_s)
+        return await self._finish(job, on_progress, deadline)
 
     async def _finish(
-        self, job: AsyncJob, on_progress: core.OnProgress, timeout_s: float | None
+        self, job: AsyncJob, on_progress: core.OnProgress, deadline: Deadline
     ) -> core.FillResult:
-        deadline = Deadline(timeout_or(timeout_s, self._settings.job_timeout_s))
         try:
             if on_progress is not None:
                 async for event in job._events_by(deadline):

@@ -309,8 +309,9 @@ class Client(BaseClient):
             Timeout, JobFailed, EngineUnavailable, JobCancelled, LimitExceeded,
             ConnectionClosed, GenfillError (an error code this SDK does not know).
         """
+        deadline = Deadline(timeout_or(timeout_s, self._settings.job_timeout_s))
         job = self.submit_fill(image, mask, prompt, **options)
-        return self._finish(job, on_progress, timeout_s)
+        return self._finish(job, on_progress, deadline)
 
     def expand(
         self, image: ImageInput, *, on_progress: core.OnProgress = None, timeout_s: float | None = None, **options: Any
@@ -318,11 +319,11 @@ class Client(BaseClient):
         """Grows the canvas by ``left``, ``right``, ``top`` and ``bottom`` (pixels, default 0)
         and fills the new area; the original pixels stay unchanged. Other options, errors and
         ``timeout_s`` as for ``fill``."""
-        job = self.submit_expand(image, **options)
-        return self._finish(job, on_progress, timeout_s)
-
-    def _finish(self, job: Job, on_progress: core.OnProgress, timeout_s: float | None) -> core.FillResult:
         deadline = Deadline(timeout_or(timeout_s, self._settings.job_timeout_s))
+        job = self.submit_expand(image, **options)
+        return self._finish(job, on_progress, deadline)
+
+    def _finish(self, job: Job, on_progress: core.OnProgress, deadline: Deadline) -> core.FillResult:
         try:
             if on_progress is not None:
                 for event in job._events_by(deadline):

@@ -77,6 +77,8 @@ def _to_array(image: ImageInput, pil_mode: str, max_pixels: int | None = None) -
         else:
             array = image.copy()
     elif isinstance(image, (str, os.PathLike)):
+        if not os.fspath(image):
+            raise InvalidInput("the image path is empty")
         array = _read_file(Path(image), pil_mode, max_pixels)
     elif hasattr(image, "mode") and hasattr(image, "convert"):
         try:
