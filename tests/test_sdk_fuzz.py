@@ -215,7 +215,7 @@ def test_every_broken_file_is_a_typed_error(fuzz_client, files):
     mask = np.full((12, 12), 255, np.uint8)
     outcomes = {}
     for path in files:
-        outcome = _assert_typed_and_bounded(lambda: fuzz_client.fill(path, mask, variations=1, timeout_s=CALL_TIMEOUT_S))
+        outcome = _assert_typed_and_bounded(lambda path=path: fuzz_client.fill(path, mask, variations=1, timeout_s=CALL_TIMEOUT_S))
         outcomes[path.rsplit("/", 1)[-1]] = type(outcome).__name__
     assert outcomes.pop("good.png") == "FillResult"
     assert outcomes.pop("over-limit.png") == "LimitExceeded"

@@ -102,8 +102,7 @@ class AsyncClient(BaseClient):
             except CONNECT_ERRORS as exc:
                 raise map_connect_error(exc, settings.url, deadline.seconds) from exc
             try:
-                hello = await asyncio.wait_for(ws.recv(), deadline.remaining_s())
-                self._session.receive_hello(hello)
+                hello = self._session.receive_hello(await asyncio.wait_for(ws.recv(), deadline.remaining_s()))
             except BaseException as exc:
                 await ws.close()
                 if isinstance(exc, CONNECT_ERRORS):
@@ -111,7 +110,7 @@ class AsyncClient(BaseClient):
                 raise
             self._ws = ws
             self._reader = asyncio.create_task(self._read_loop(ws), name="genfill-reader")
-            return self._session.hello
+            return hello
 
     async def aclose(self, timeout_s: float | None = None) -> None:
         """As ``Client.close``."""

@@ -29,7 +29,7 @@ from .transport import CONNECT_ERRORS, BaseClient, Deadline, connection_error, h
 # ``legacy=True`` is passed; older releases hand unknown keywords to
 # socket.create_connection, which raises TypeError. The connection here outlives the call
 # (close() ends it), so pass the flag exactly where it exists.
-_LEGACY = {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
+_LEGACY: dict[str, Any] = {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
 
 
 def _refuse_inside_event_loop(method: str) -> None:
@@ -174,8 +174,7 @@ class Client(BaseClient):
             except CONNECT_ERRORS as exc:
                 raise map_connect_error(exc, settings.url, deadline.seconds) from exc
             try:
-                hello = ws.recv(timeout=deadline.remaining_s())
-                self._session.receive_hello(hello)
+                hello = self._session.receive_hello(ws.recv(timeout=deadline.remaining_s()))
             except BaseException as exc:
                 ws.close()
                 if isinstance(exc, CONNECT_ERRORS):
@@ -184,7 +183,7 @@ class Client(BaseClient):
             self._ws = ws
             self._reader = threading.Thread(target=self._read_loop, args=(ws,), name="genfill-reader", daemon=True)
             self._reader.start()
-            return self._session.hello
+            return hello
 
     def close(self, timeout_s: float | None = None) -> None:
         """Closes the connection; jobs still running on it are cancelled by the server.

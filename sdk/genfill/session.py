@@ -430,7 +430,13 @@ class ClientSession:
             return self._prepared(job_id, request, frames, canvas, result_format, previews)
 
     def _prepared(
-        self, job_id: str | None, request: FillRequest, frames: dict[str, bytes], canvas: np.ndarray, result_format: str, previews: bool
+        self,
+        job_id: str | None,
+        request: FillRequest,
+        frames: dict[str, bytes],
+        canvas: np.ndarray,
+        result_format: Literal["rgba8", "png"],
+        previews: bool,
     ) -> PreparedJob:
         job_id = uuid.uuid4().hex if job_id is None else job_id
         # Built once here so a bad job id, result format or previews flag is refused before
@@ -690,7 +696,7 @@ def _entries(value: Any, what: str) -> list[Any]:
     """``control`` or ``references`` entries as dicts (or strings), whatever the caller passed."""
     if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
         raise InvalidInput(f"{what}s must be a list, got {type(value).__name__}")
-    entries = []
+    entries: list[Any] = []
     for entry in value:
         if isinstance(entry, str):
             entries.append(entry)
