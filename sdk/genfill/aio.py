@@ -167,8 +167,9 @@ class AsyncClient(BaseClient):
         status = await self._images_present(prepared, timeout_s)
         job = AsyncJob(self, prepared)
         job.state = self._session.start(prepared, job._push)
+        frames = self._session.frames_to_upload(prepared, status)
         try:
-            for frame in self._session.frames_to_upload(prepared, status):
+            for frame in frames:
                 await self._send(frame)
             await self._send(prepared.submit_message())
         except BaseException:

@@ -262,8 +262,9 @@ class Client(BaseClient):
         job = Job(self, prepared)
         with self._lock:
             job.state = self._session.start(prepared, job._push)
+            frames = self._session.frames_to_upload(prepared, status)
         try:
-            for frame in self._session.frames_to_upload(prepared, status):
+            for frame in frames:
                 self._send(frame)
             self._send(prepared.submit_message())
         except BaseException:

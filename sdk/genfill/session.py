@@ -1,8 +1,15 @@
 """The SDK's I/O-free core: builds requests, folds server messages into job state.
 
-``Client`` and ``AsyncClient`` only move bytes between a websocket and a ``ClientSession``;
-every decision (what to upload, what a message means for a job, which exception to raise)
-is made here, once, so the two clients cannot drift apart.
+``Client`` and ``AsyncClient`` only move bytes between a websocket and a ``ClientSession``
+and wait with deadlines; every decision (what to upload, whether the server offers what a
+request needs, what a message means for a job, which waiting call gets it, which exception
+to raise) is made here, once, so the two clients cannot drift apart.
+
+The path of one reply: the client's reader hands a frame to ``ClientSession.receive``; the
+session parses it (skipping types it does not know), folds it into the job's ``JobState``
+with ``JobState.handle`` and gives the resulting ``JobEvent`` objects to the sink the
+waiting call registered with ``start`` (for ``image_status``: with ``begin``). When the
+connection ends, ``connection_lost`` ends every job and wait with the reason.
 """
 
 from __future__ import annotations
