@@ -182,6 +182,8 @@ def test_bridge_keeps_unknown_error_codes_as_the_base_error():
     with fake_peer(_unknown_code) as peer:
         with pytest.raises(gb.BridgeError) as caught:
             _bridge_run(peer.url)
+        _eventually(lambda: peer.close_codes)
+    assert peer.close_codes == [1000]
     assert type(caught.value) is gb.BridgeError
     assert caught.value.code == "quota_exhausted" and "Out of credits." in caught.value.message
 
