@@ -60,7 +60,7 @@ class AsyncJob(core.JobHandle):
         return self.state.outcome()
 
     async def cancel(self) -> None:
-        """As ``Job.cancel``."""
+        """As ``Job.cancel``. Safe to cancel: the cancel message is sent whole or not at all."""
         if not self.state.finished:
             await self._client._send(core.ClientSession.cancel_message(self.job_id))
 
@@ -113,7 +113,8 @@ class AsyncClient(BaseClient):
             return hello
 
     async def aclose(self, timeout_s: float | None = None) -> None:
-        """As ``Client.close``."""
+        """As ``Client.close``. Safe to cancel: jobs and waits have already ended; the socket
+        closes when websockets gives up on the closing handshake."""
         seconds = timeout_or(timeout_s, self._settings.reply_timeout_s)
         ws, reader = self._ws, self._reader
         self._session.connection_lost(ConnectionClosed(f"the client for {self.url} was closed"))
@@ -219,11 +220,11 @@ class AsyncClient(BaseClient):
             raise
 
     async def health(self, timeout_s: float | None = None) -> dict:
-        """As ``Client.health``."""
+        """As ``Client.health``. Safe to cancel."""
         return await self._get("/v1/health", {}, timeout_s)
 
     async def models(self, timeout_s: float | None = None) -> dict:
-        """As ``Client.models``."""
+        """As ``Client.models``. Safe to cancel."""
         return await self._get("/v1/models", self._settings.auth_headers(), timeout_s)
 
     async def _get(self, path: str, headers: dict[str, str], timeout_s: float | None) -> dict:
