@@ -37,20 +37,38 @@ FUZZ = settings(
 )
 
 
+class _Clients:
+    """One connected client of one kind, replaced if an example ended its connection (a
+    typed error already), so later examples still reach the server."""
+
+    def __init__(self, kind: str, server) -> None:
+        self.kind = kind
+        self.server = server
+        self.loop = Loop() if kind == "async" else None
+        self.client = None
+
+    def get(self):
+        if self.client is None or self.client._session.closed is not None:
+            options = {"open_timeout_s": 5, "reply_timeout_s": 5, "job_timeout_s": CALL_TIMEOUT_S}
+            if self.loop is None:
+                self.client = Client(self.server.url, token=self.server.token, **options)
+            else:
+                self.client = Blocking(AsyncClient(self.server.url, token=self.server.token, **options), self.loop)
+            self.client.connect()
+        return self.client
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+        if self.loop is not None:
+            self.loop.close()
+
+
 @pytest.fixture(scope="module", params=["sync", "async"])
-def fuzz_client(request, server):
-    loop = None
-    options = {"open_timeout_s": 5, "reply_timeout_s": 5, "job_timeout_s": CALL_TIMEOUT_S}
-    if request.param == "sync":
-        client = Client(server.url, token=server.token, **options)
-    else:
-        loop = Loop()
-        client = Blocking(AsyncClient(server.url, token=server.token, **options), loop)
-    client.connect()
-    yield client
-    client.close()
-    if loop is not None:
-        loop.close()
+def clients(request, server):
+    made = _Clients(request.param, server)
+    yield made
+    made.close()
 
 
 @pytest.fixture(scope="module")
@@ -189,18 +207,18 @@ def _assert_typed_and_bounded(call) -> object:
 
 @FUZZ
 @given(data=st.data())
-def test_random_fill_requests_end_typed_and_in_time(fuzz_client, files, data):
+def test_random_fill_requests_end_typed_and_in_time(clients, files, data):
     image, mask = data.draw(pairs(files), label="image, mask")
     prompt = data.draw(st.one_of(st.just(""), st.text(max_size=30), st.just("p" * 5000), _NUMBERS), label="prompt")
     options = data.draw(request_options(), label="options")
-    outcome = _assert_typed_and_bounded(lambda: fuzz_client.fill(image, mask, prompt, timeout_s=CALL_TIMEOUT_S, **options))
+    outcome = _assert_typed_and_bounded(lambda: clients.get().fill(image, mask, prompt, timeout_s=CALL_TIMEOUT_S, **options))
     if isinstance(outcome, FillResult):
         assert outcome.arrays and all(array.dtype == np.uint8 and array.ndim == 3 for array in outcome.arrays)
 
 
 @FUZZ
 @given(data=st.data())
-def test_random_expand_requests_end_typed_and_in_time(fuzz_client, files, data):
+def test_random_expand_requests_end_typed_and_in_time(clients, files, data):
     image = data.draw(pairs(files), label="image")[0]
     margins = {
         side: data.draw(st.one_of(st.integers(0, 24), st.integers(0, 24), st.integers(-3, 24), st.just(20000), _NUMBERS), label=side)
@@ -208,10 +226,11 @@ def test_random_expand_requests_end_typed_and_in_time(fuzz_client, files, data):
     }
     options = data.draw(request_options(), label="options")
     options.pop("mode", None)
-    _assert_typed_and_bounded(lambda: fuzz_client.expand(image, timeout_s=CALL_TIMEOUT_S, **margins, **options))
+    _assert_typed_and_bounded(lambda: clients.get().expand(image, timeout_s=CALL_TIMEOUT_S, **margins, **options))
 
 
-def test_every_broken_file_is_a_typed_error(fuzz_client, files):
+def test_every_broken_file_is_a_typed_error(clients, files):
+    fuzz_client = clients.get()
     mask = np.full((12, 12), 255, np.uint8)
     outcomes = {}
     for path in files:
@@ -236,7 +255,8 @@ def test_random_frames_only_ever_raise_protocol_errors(frame):
         pass
 
 
-def test_nan_and_inf_timeouts_are_refused(fuzz_client):
+def test_nan_and_inf_timeouts_are_refused(clients):
+    fuzz_client = clients.get()
     for bad in (math.nan, math.inf, -1.0, 0):
         with pytest.raises(errors.InvalidInput):
             fuzz_client.fill(np.zeros((4, 4, 4), np.uint8), np.full((4, 4), 255, np.uint8), timeout_s=bad)
