@@ -404,3 +404,18 @@ def test_unknown_messages_in_raw_json_are_parsed_by_type():
     from genfill.protocol import UnknownMessage, parse_server_message
 
     assert parse_server_message(json.dumps({"type": "telemetry", "job_id": "j"})) == UnknownMessage("telemetry", "j")
+
+
+def test_references_against_the_real_server_end_unsupported(server, make_client):
+    # The classic engine takes no references: a server without the feature is refused by the
+    # SDK before anything is sent, one with it answers `unsupported` for this engine. The
+    # caller sees the same class either way.
+    client = make_client(server.url, token=server.token)
+    offered = client.connect().offers("references")
+    control = [{"image": np.full((8, 8, 3), 255, np.uint8), "role": "control", "control_type": "canny"}]
+    with pytest.raises(errors.Unsupported) as caught:
+        client.fill(IMAGE, MASK, engine="classic", references=control, timeout_s=30)
+    assert caught.value.code == "unsupported"
+    if not offered:
+        assert "does not offer the 'references' feature" in caught.value.message
+    assert len(client.fill(IMAGE, MASK, variations=1, timeout_s=30).arrays) == 1
