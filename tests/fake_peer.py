@@ -9,6 +9,7 @@ parser and waits are tested against those frames through its real websocket code
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -67,6 +68,8 @@ class FakePeer:
         hello_message: the first message; ``None`` sends ``hello()``.
         send_hello: ``False`` stays silent after the handshake (a server that hangs).
         answer_has_images: ``False`` never answers ``has_images``.
+        read_after_has_images: ``False`` stops reading once it has answered ``has_images``
+            (a wedged server: with ``max_queue=1`` the socket buffers fill and stay full).
 
     ``received`` lists every text message the peer got, parsed; ``uploads`` the
     ``FrameHeader`` of every binary frame; ``close_codes`` the close code of each
@@ -80,15 +83,25 @@ class FakePeer:
         hello_message: dict[str, Any] | None = None,
         send_hello: bool = True,
         answer_has_images: bool = True,
+        read_after_has_images: bool = True,
     ) -> None:
         self.script = script or (lambda connection, submit: send_all(connection, result_frames(submit["job_id"])))
         self.hello_message = hello() if hello_message is None else hello_message
         self.send_hello = send_hello
         self.answer_has_images = answer_has_images
+        self.read_after_has_images = read_after_has_images
+        self._stop = threading.Event()
         self.received: list[dict[str, Any]] = []
         self.uploads: list[p.FrameHeader] = []
         self.close_codes: list[int | None] = []
-        self._server = serve(self._handle, "127.0.0.1", 0, compression=None, max_size=2**28)
+        listener = socket.socket()
+        if not read_after_has_images:
+            # Set before listen() so accepted sockets inherit it (and lose autotuning): the
+            # client's sends stall after a few MB instead of after loopback's tens of MB.
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        self._server = serve(self._handle, sock=listener, compression=None, max_size=2**28, max_queue=1, close_timeout=1)
         self.url = "ws://127.0.0.1:%d" % self._server.socket.getsockname()[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -104,6 +117,9 @@ class FakePeer:
                 self.received.append(message)
                 if message["type"] == "has_images" and self.answer_has_images:
                     connection.send(json.dumps({"type": "image_status", "present": [], "missing": message["image_ids"]}))
+                    if not self.read_after_has_images:
+                        self._stop.wait(30)
+                        break
                 elif message["type"] == "submit":
                     self.script(connection, message)
         except Exception:  # noqa: BLE001 - a client closing mid-script ends the script, nothing more
@@ -118,6 +134,7 @@ class FakePeer:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
         self._server.shutdown()
         self._thread.join(5)
 

@@ -419,3 +419,32 @@ def test_references_against_the_real_server_end_unsupported(server, make_client)
     if not offered:
         assert "does not offer the 'references' feature" in caught.value.message
     assert len(client.fill(IMAGE, MASK, variations=1, timeout_s=30).arrays) == 1
+
+
+def test_a_server_that_stops_reading_ends_the_upload_in_time(make_client):
+    # The peer takes two frames, then reads no more: the third, 16 MB, outgrows the socket
+    # buffers (4 MB at most here) and its send blocks until the client's deadline.
+    canvas = np.zeros((2048, 2048, 4), np.uint8)
+    mask = np.full((2048, 2048), 255, np.uint8)
+    control = [{"type": "canny", "image": np.ones((2048, 2048, 4), np.uint8)}]
+    with fake_peer(read_after_has_images=False) as peer:
+        client = make_client(peer.url, reply_timeout_s=1)
+        started = time.monotonic()
+        with pytest.raises(errors.Timeout, match="took no data for 1 s"):
+            client.submit_fill(canvas, mask, control=control)
+        assert time.monotonic() - started < 10
+        with pytest.raises(errors.ConnectionClosed):
+            client.fill(IMAGE, MASK, timeout_s=5)
+
+
+def test_bridge_upload_to_a_server_that_stops_reading_ends_in_time():
+    frames = {}
+    for fill_byte in (1, 2, 3):
+        frame = gb.frames.encode_frame("rgba8", 2048, 1024, bytes([fill_byte]) * (2048 * 1024 * 4))
+        frames[gb.frames.frame_image_id(frame)] = frame
+    with fake_peer(read_after_has_images=False) as peer:
+        started = time.monotonic()
+        with gb.ServerConnection(peer.url, "t", reply_timeout_s=1) as connection:
+            with pytest.raises(ServerTimeout, match="stopped taking data for 1 s"):
+                connection.run(frames, {"image": next(iter(frames))}, canvas=gb.Size(2048, 1024))
+        assert time.monotonic() - started < 10

@@ -11,6 +11,7 @@ once (websockets' sync connection raises ``ConcurrencyError`` if they do).
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 import uuid
@@ -282,10 +283,23 @@ class ServerConnection:
             raise BridgeError("the connection is closed")
         if self._trace is not None:
             self._trace("send", data)
+        # websockets' sync send has no timeout: against a server that stops reading it blocks
+        # in sendall once the socket buffers are full. Shutting the socket down ends it.
+        stalled = threading.Event()
+        watchdog = threading.Timer(self.reply_timeout_s, _shut_down, (self._ws, stalled))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             self._ws.send(data)
         except ws_exceptions.ConnectionClosed as exc:
+            if stalled.is_set():
+                raise ServerTimeout(
+                    f"The genfill server at {self.url} stopped taking data for {self.reply_timeout_s:g} s. "
+                    "Restart it and try again."
+                ) from exc
             raise _lost(self.url) from exc
+        finally:
+            watchdog.cancel()
 
     def _recv(self, timeout_s: float, *, expect_text: bool = False) -> str | bytes | None:
         if self._ws is None:
@@ -339,6 +353,14 @@ def _warnings(warnings: object) -> list[str]:
     if not isinstance(warnings, list):
         return []
     return [str(w["message"]) for w in warnings if isinstance(w, dict) and isinstance(w.get("message"), str)]
+
+
+def _shut_down(ws: ClientConnection, stalled: threading.Event) -> None:
+    stalled.set()
+    try:
+        ws.socket.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 def _server_error(message: dict, context: str) -> BridgeError:

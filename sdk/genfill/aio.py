@@ -133,8 +133,13 @@ class AsyncClient(BaseClient):
 
     async def _send(self, data: str | bytes) -> None:
         ws = await self._connection()
+        seconds = self._settings.reply_timeout_s
         try:
-            await ws.send(data)
+            # send waits for the write buffer to drain, without a timeout of its own.
+            await asyncio.wait_for(ws.send(data), seconds)
+        except TimeoutError:
+            ws.transport.abort()
+            raise Timeout(f"the server at {self.url} took no data for {seconds:g} s", code="timeout") from None
         except websockets.exceptions.ConnectionClosed as exc:
             raise self._session.closed or connection_error(exc, self.url) from exc
 

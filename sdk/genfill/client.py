@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import inspect
 import queue
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +31,12 @@ from .transport import CONNECT_ERRORS, BaseClient, Deadline, connection_error, h
 # socket.create_connection, which raises TypeError. The connection here outlives the call
 # (close() ends it), so pass the flag exactly where it exists.
 _LEGACY: dict[str, Any] = {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
+
+
+def _shut_down(ws: ClientConnection, stalled: threading.Event) -> None:
+    stalled.set()
+    with contextlib.suppress(OSError):
+        ws.socket.shutdown(socket.SHUT_RDWR)
 
 
 def _refuse_inside_event_loop(method: str) -> None:
@@ -213,10 +220,21 @@ class Client(BaseClient):
 
     def _send(self, data: str | bytes) -> None:
         ws = self._connection()
+        seconds = self._settings.reply_timeout_s
+        # websockets' sync send has no timeout: against a server that stops reading it blocks
+        # in sendall once the socket buffers are full. Shutting the socket down ends it.
+        stalled = threading.Event()
+        watchdog = threading.Timer(seconds, _shut_down, (ws, stalled))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             ws.send(data)
         except websockets.exceptions.ConnectionClosed as exc:
+            if stalled.is_set():
+                raise Timeout(f"the server at {self.url} took no data for {seconds:g} s", code="timeout") from exc
             raise self._session.closed or connection_error(exc, self.url) from exc
+        finally:
+            watchdog.cancel()
 
     def _read_loop(self, ws: ClientConnection) -> None:
         ended: BaseException | None = None
