@@ -92,7 +92,8 @@ class ServerConnection:
         url: ``ws://host:port``.
         token: the server's token; empty sends none.
         open_timeout_s: seconds to connect and get the hello (default 10).
-        reply_timeout_s: seconds for one answer (``has_images``) and for closing (default 30).
+        reply_timeout_s: seconds for one answer (``has_images``), for the server to take one
+            frame, and for closing (default 30).
         trace: ``None``, or a callable that sees every frame.
 
     Raises (from ``open``):

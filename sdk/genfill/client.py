@@ -120,8 +120,8 @@ class Client(BaseClient):
         token: the server's token; ``None`` reads it from the state file.
         state_file: where to read url and token; ``None`` means the default path.
         open_timeout_s: seconds to connect and get the server's hello (default 10).
-        reply_timeout_s: seconds for one answer: ``has_images``, closing, ``health`` and
-            ``models`` (default 30).
+        reply_timeout_s: seconds for one answer (``has_images``, closing, ``health``,
+            ``models``) and for the server to take one frame we send (default 30).
         job_timeout_s: seconds a job may take from submit to result (default 600).
 
     Raises:

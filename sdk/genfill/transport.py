@@ -31,7 +31,7 @@ class ConnectionSettings:
     """Where the server is and how long each kind of wait may take, in seconds.
 
     ``open_timeout_s``: connecting plus the server's hello. ``reply_timeout_s``: one answer
-    (``has_images``, closing, the HTTP endpoints). ``job_timeout_s``: a job, from submit to
+    (``has_images``, closing, the HTTP endpoints) and the server taking one frame sent. ``job_timeout_s``: a job, from submit to
     its result. Each is a positive number: no wait is unbounded.
     """
 
