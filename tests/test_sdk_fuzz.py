@@ -260,3 +260,44 @@ def test_nan_and_inf_timeouts_are_refused(clients):
     for bad in (math.nan, math.inf, -1.0, 0):
         with pytest.raises(errors.InvalidInput):
             fuzz_client.fill(np.zeros((4, 4, 4), np.uint8), np.full((4, 4), 255, np.uint8), timeout_s=bad)
+
+
+_URLS = st.one_of(
+    st.text(max_size=30),
+    st.builds(lambda scheme, rest: scheme + rest, st.sampled_from(["ws://", "wss://", "http://", "ws:/"]), st.text(max_size=25)),
+    st.sampled_from(["ws://127.0.0.1:99999", "ws://[::1", "ws://127.0.0.1:9/path?q", "ws://:0", "ws://user@127.0.0.1:9", "ws://127.0.0.1:0"]),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(url=st.one_of(st.none(), _URLS, st.integers()), token=st.one_of(st.none(), st.text(max_size=10)), state=st.integers(0, 4))
+def test_random_connection_settings_end_typed_and_in_time(tmp_path_factory, url, token, state):
+    folder = tmp_path_factory.mktemp("state")
+    state_files = {
+        0: None,
+        1: folder / "missing.json",
+        2: folder,
+        3: folder / "list.json",
+        4: folder / "fields.json",
+    }
+    (folder / "list.json").write_text("[1, 2]")
+    (folder / "fields.json").write_text('{"url": 5, "token": null, "pid": "x", "version": 1}')
+    state_file = state_files[state]
+
+    def connect_and_ask():
+        client = Client(url, token=token, state_file=None if state_file is None else str(state_file), open_timeout_s=2, reply_timeout_s=2)
+        try:
+            client.health()
+        finally:
+            client.close()
+
+    _assert_typed_and_bounded(connect_and_ask)
+    if url is not None:
+        def connect():
+            client = Client(url, token=token, open_timeout_s=2)
+            try:
+                client.connect()
+            finally:
+                client.close()
+
+        _assert_typed_and_bounded(connect)

@@ -21,7 +21,7 @@ from . import session as core
 from .errors import ConnectionClosed, GenfillError, ProtocolError, Timeout
 from .images import ImageInput
 from .protocol import Hello, ImageStatus
-from .transport import CONNECT_ERRORS, BaseClient, Deadline, connection_error, http_get_json, map_connect_error, map_http_error, timeout_or
+from .transport import CONNECT_ERRORS, HTTP_ERRORS, BaseClient, Deadline, connection_error, http_get_json, map_connect_error, map_http_error, timeout_or
 
 
 class AsyncJob(core.JobHandle):
@@ -105,7 +105,7 @@ class AsyncClient(BaseClient):
                 hello = self._session.receive_hello(await asyncio.wait_for(ws.recv(), deadline.remaining_s()))
             except BaseException as exc:
                 await ws.close()
-                if isinstance(exc, CONNECT_ERRORS):
+                if isinstance(exc, CONNECT_ERRORS) and not isinstance(exc, GenfillError):
                     raise map_connect_error(exc, settings.url, deadline.seconds) from exc
                 raise
             self._ws = ws
@@ -237,6 +237,6 @@ class AsyncClient(BaseClient):
         async with httpx.AsyncClient(timeout=seconds) as http:
             try:
                 response = await http.get(self._settings.http_url(path), headers=headers)
-            except httpx.HTTPError as exc:
+            except HTTP_ERRORS as exc:
                 raise map_http_error(exc, self.url, seconds) from exc
         return http_get_json(response)

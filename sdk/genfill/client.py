@@ -24,7 +24,7 @@ from . import session as core
 from .errors import ConnectionClosed, GenfillError, ProtocolError, Timeout
 from .images import ImageInput
 from .protocol import Hello, ImageStatus
-from .transport import CONNECT_ERRORS, BaseClient, Deadline, connection_error, http_get_json, map_connect_error, map_http_error, timeout_or
+from .transport import CONNECT_ERRORS, HTTP_ERRORS, BaseClient, Deadline, connection_error, http_get_json, map_connect_error, map_http_error, timeout_or
 
 # websockets 17.1 deprecates calling the sync connect() outside a ``with`` unless
 # ``legacy=True`` is passed; older releases hand unknown keywords to
@@ -184,7 +184,7 @@ class Client(BaseClient):
                 hello = self._session.receive_hello(ws.recv(timeout=deadline.remaining_s()))
             except BaseException as exc:
                 ws.close()
-                if isinstance(exc, CONNECT_ERRORS):
+                if isinstance(exc, CONNECT_ERRORS) and not isinstance(exc, GenfillError):
                     raise map_connect_error(exc, settings.url, deadline.seconds) from exc
                 raise
             self._ws = ws
@@ -373,6 +373,6 @@ class Client(BaseClient):
         seconds = timeout_or(timeout_s, self._settings.reply_timeout_s)
         try:
             response = httpx.get(self._settings.http_url(path), headers=headers, timeout=seconds)
-        except httpx.HTTPError as exc:
+        except HTTP_ERRORS as exc:
             raise map_http_error(exc, self.url, seconds) from exc
         return http_get_json(response)

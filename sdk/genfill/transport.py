@@ -59,6 +59,10 @@ class ConnectionSettings:
         """
         for name, value in (("open_timeout_s", open_timeout_s), ("reply_timeout_s", reply_timeout_s), ("job_timeout_s", job_timeout_s)):
             positive_seconds(value, name)
+        if url is not None:
+            url = _checked_url(url)
+        if token is not None and not isinstance(token, str):
+            raise InvalidInput(f"token must be a string, got {type(token).__name__}")
         if url is None or token is None:
             path = Path(state_file) if state_file else default_state_path()
             try:
@@ -69,16 +73,17 @@ class ConnectionSettings:
                         f"no running genfill server found (no state file at {path}): start one with 'genfill serve'"
                     ) from None
                 state = None
-            except (ValueError, KeyError) as exc:
+            # A folder, a file of another shape, one we may not read: all mean no usable server.
+            except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise ConnectError(f"the server state file {path} is unreadable: {exc}") from exc
+            if state is not None and not (isinstance(state.url, str) and isinstance(state.token, str)):
+                raise ConnectError(f"the server state file {path} is unreadable: url and token must be strings")
             if state is not None:
                 if url is None:
                     url = state.url
                 if token is None and _same_server(url, state.url):
                     token = state.token
-        if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
-            raise InvalidInput(f"url must start with ws:// or wss://, got {url!r}")
-        return cls(url.rstrip("/"), token, open_timeout_s, reply_timeout_s, job_timeout_s)
+        return cls(_checked_url(url), token, open_timeout_s, reply_timeout_s, job_timeout_s)
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.token}"} if self.token else {}
@@ -155,6 +160,22 @@ class _RedactingLogger(logging.LoggerAdapter):
         super().log(level, msg, *args, **kwargs)
 
 
+def _checked_url(url: object) -> str:
+    """``url`` without a trailing slash, once it is a ``ws://`` or ``wss://`` url with a host
+    and a valid port."""
+    if not isinstance(url, str) or not url.startswith(("ws://", "wss://")):
+        raise InvalidInput(f"url must start with ws:// or wss://, got {url!r}")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+        if not parts.hostname:
+            raise ValueError("it names no host")
+        parts.hostname.encode("idna")
+    except (ValueError, UnicodeError) as exc:
+        raise InvalidInput(f"url {url!r} is not a valid websocket url: {exc}") from exc
+    return url.rstrip("/")
+
+
 def _same_server(url: str, state_url: str) -> bool:
     return urlsplit(url).netloc == urlsplit(state_url).netloc
 
@@ -194,7 +215,7 @@ def connection_error(exc: BaseException | None, url: str) -> GenfillError:
     return ConnectionClosed(f"server at {url} closed the connection")
 
 
-CONNECT_ERRORS = (OSError, TimeoutError, websockets.exceptions.WebSocketException)
+CONNECT_ERRORS = (OSError, TimeoutError, ValueError, websockets.exceptions.WebSocketException)
 """What websockets and the OS raise while a connection opens; ``map_connect_error`` maps them."""
 
 
@@ -219,7 +240,11 @@ def map_connect_error(exc: BaseException, url: str, timeout_s: float | None = No
     return ConnectError(f"cannot connect to {url}: {exc}")
 
 
-def map_http_error(exc: httpx.HTTPError, url: str, timeout_s: float | None = None) -> GenfillError:
+HTTP_ERRORS = (httpx.HTTPError, httpx.InvalidURL, ValueError)
+"""What httpx raises for a request that got no usable answer; ``map_http_error`` maps them."""
+
+
+def map_http_error(exc: Exception, url: str, timeout_s: float | None = None) -> GenfillError:
     if isinstance(exc, httpx.TimeoutException):
         return Timeout(f"HTTP request to {url} got no answer within {timeout_s:g} s", code="timeout")
     if isinstance(exc, httpx.ConnectError):
