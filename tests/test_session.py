@@ -141,3 +141,13 @@ def test_bad_options_are_invalid_input_before_anything_is_sent(options, match):
     with pytest.raises(errors.InvalidInput, match=match) as caught:
         _session().prepare_fill(IMAGE, MASK, **options)
     assert isinstance(caught.value, ValueError)
+
+
+def test_images_over_the_pixel_limit_are_refused_before_conversion():
+    from PIL import Image
+
+    session = _session(limits={"max_image_pixels": 100})
+    with pytest.raises(errors.LimitExceeded, match="the PIL image is 30x30 pixels"):
+        session.prepare_expand(Image.new("RGB", (30, 30)), left=1)
+    with pytest.raises(errors.LimitExceeded, match="over the server's limit of 100 pixels"):
+        session.prepare_fill(IMAGE, MASK, references=[{"image": np.zeros((11, 10, 3), np.uint8), "role": "reference"}])

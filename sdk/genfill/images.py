@@ -81,6 +81,7 @@ def _to_array(image: ImageInput, pil_mode: str, max_pixels: int | None = None) -
             raise InvalidInput("the image path is empty")
         array = _read_file(Path(image), pil_mode, max_pixels)
     elif hasattr(image, "mode") and hasattr(image, "convert"):
+        _check_pixels(getattr(image, "size", (0, 0)), max_pixels, "the PIL image")
         try:
             array = _pil_to_array(image, pil_mode)
         except Exception as exc:  # noqa: BLE001 - Pillow's errors, mapped at the boundary
@@ -92,6 +93,12 @@ def _to_array(image: ImageInput, pil_mode: str, max_pixels: int | None = None) -
     return array
 
 
+def _check_pixels(size: tuple[int, int], max_pixels: int | None, what: str) -> None:
+    width, height = size
+    if max_pixels is not None and width * height > max_pixels:
+        raise LimitExceeded(f"{what} is {width}x{height} pixels, over the server's limit of {max_pixels} pixels")
+
+
 def _read_file(path: Path, pil_mode: str, max_pixels: int | None) -> np.ndarray:
     from PIL import Image
 
@@ -99,13 +106,9 @@ def _read_file(path: Path, pil_mode: str, max_pixels: int | None) -> np.ndarray:
         raise InvalidInput(f"no image file at {str(path)!r}" + (" (it is a folder)" if path.is_dir() else ""))
     try:
         with Image.open(path) as opened:
-            width, height = opened.size
             # Checked before decoding: a small file can hold a huge image, and decoding it
             # first is the allocation the limit exists to avoid.
-            if max_pixels is not None and width * height > max_pixels:
-                raise LimitExceeded(
-                    f"{str(path)!r} is {width}x{height} pixels, over the server's limit of {max_pixels} pixels"
-                )
+            _check_pixels(opened.size, max_pixels, repr(str(path)))
             return _pil_to_array(opened, pil_mode)
     except LimitExceeded:
         raise
