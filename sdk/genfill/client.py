@@ -173,8 +173,7 @@ class Client:
                     elif isinstance(message, Error) and message.job_id is None and self._status_waiters:
                         self._status_waiters.pop(0).put(error_for_code(message.code, message.message))
                     elif state is not None and state.job_id in self._jobs:
-                        job = self._jobs[state.job_id]
-                        job._push(events)
+                        self._jobs[state.job_id]._push(events)
                         if state.finished:
                             self._jobs.pop(state.job_id, None)
             error = ConnectionClosed(f"server at {self.url} closed the connection")

@@ -297,7 +297,7 @@ class ClientSession:
         region = _region_to_send(selection)
         sent_image = canvas[region.slices] if region.size != _size_of(canvas) else canvas
         sent_mask = selection[region.slices] if region.size != _size_of(canvas) else selection
-        frames = {}
+        frames: dict[str, bytes] = {}
         image_ref = self._add_frame(frames, sent_image, ImageFormat(upload_format))
         mask_ref = self._add_frame(frames, sent_mask, ImageFormat.PNG if upload_format == "png" else ImageFormat.GRAY8)
         if "control" in options:
@@ -329,7 +329,7 @@ class ClientSession:
     ) -> PreparedJob:
         """Validates an expand (outpaint) request: the canvas grows by the margins in pixels."""
         canvas = to_rgba(image)
-        frames = {}
+        frames: dict[str, bytes] = {}
         image_ref = self._add_frame(frames, canvas, ImageFormat(upload_format))
         if "control" in options:
             grown = Size(canvas.shape[1] + left + right, canvas.shape[0] + top + bottom)
@@ -467,7 +467,7 @@ class ClientSession:
         if state.finished:
             # A finished job's images were taken; drop its record so a long-lived connection
             # does not grow with every job.
-            self.jobs.pop(job_id, None)
+            self.jobs.pop(state.job_id, None)
         return state, message, events
 
     def fail_all(self, error: GenfillError) -> list[tuple[JobState, list[JobEvent]]]:

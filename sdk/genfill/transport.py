@@ -6,6 +6,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -48,6 +49,7 @@ class ConnectionSettings:
                     url = state.url
                 if token is None and _same_server(url, state.url):
                     token = state.token
+        assert url is not None, "the state file gave one, or ConnectError was raised"
         if not url.startswith(("ws://", "wss://")):
             raise ValueError(f"url must start with ws:// or wss://, got {url!r}")
         return cls(url.rstrip("/"), token, open_timeout_s)
@@ -78,7 +80,7 @@ class _RedactingLogger(logging.LoggerAdapter):
     def __init__(self, logger: logging.Logger) -> None:
         super().__init__(logger, {})
 
-    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         if self.isEnabledFor(level) and len(args) == 2 and str(args[0]).lower() == "authorization":
             args = (args[0], "[redacted]")
         super().log(level, msg, *args, **kwargs)
