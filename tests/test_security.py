@@ -237,7 +237,10 @@ async def test_binding_all_interfaces_warns_and_still_needs_the_token(tmp_path):
 
 @pytest.mark.parametrize(
     "path",
-    ["/v1/load", "/v1/models/../../etc/passwd", "/docs", "/openapi.json", "/v1/exec", "/v1/plugins", "/static/../app.py", "/v1/ws/../../etc/passwd"],
+    [
+        "/v1/load", "/v1/models/../../etc/passwd", "/docs", "/openapi.json", "/v1/exec", "/v1/plugins", "/static/../app.py",
+        "/v1/ws/../../etc/passwd",
+    ],
 )
 def test_no_other_endpoint_exists(server, path):
     anonymous = http(server, path)

@@ -296,7 +296,7 @@ def finish_fill(engine: Engine, prepared: PreparedFill, generated: list[np.ndarr
         image = np.ascontiguousarray(image[changed.slices])
         if transform is not None:
             # Each pixel's colour depends on that pixel only: the bands join seamlessly.
-            bands = _side_by_side(lambda part: fill.apply_colour_transform(part, transform), _row_bands(image))
+            bands = _side_by_side(lambda part, transform=transform: fill.apply_colour_transform(part, transform), _row_bands(image))
             image = np.concatenate(bands) if len(bands) > 1 else bands[0]
         layers.append(fill.make_layer(image, layer_alpha))
     box = Box(context.x + changed.x, context.y + changed.y, changed.width, changed.height)
