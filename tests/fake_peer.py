@@ -102,7 +102,7 @@ class FakePeer:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         self._server = serve(self._handle, sock=listener, compression=None, max_size=2**28, max_queue=1, close_timeout=1)
-        self.url = "ws://127.0.0.1:%d" % self._server.socket.getsockname()[1]
+        self.url = f"ws://127.0.0.1:{self._server.socket.getsockname()[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     def _handle(self, connection: ServerConnection) -> None:

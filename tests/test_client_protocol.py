@@ -392,7 +392,7 @@ def test_health_times_out_on_a_silent_server(make_client):
     listener.bind(("127.0.0.1", 0))
     listener.listen()
     try:
-        url = "ws://127.0.0.1:%d" % listener.getsockname()[1]
+        url = f"ws://127.0.0.1:{listener.getsockname()[1]}"
         with pytest.raises(errors.Timeout, match="within 0.5 s"):
             make_client(url).health(timeout_s=0.5)
     finally:

@@ -22,7 +22,14 @@ from genfill.errors import Unsupported
 from genfill.protocol import ControlType, ErrorCode, Feature, FillRequest, Mode, ReferenceRole
 from genfill_server.app import ServerConfig
 from genfill_server.background import BackgroundServer
-from genfill_server.engines import BUILTIN_PROVIDERS, ENTRY_POINT_GROUP, EngineSet, EngineSpec, default_engines, discover_providers
+from genfill_server.engines import (
+    BUILTIN_PROVIDERS,
+    ENTRY_POINT_GROUP,
+    EngineSet,
+    EngineSpec,
+    default_engines,
+    discover_providers,
+)
 from genfill_server.engines import providers as builtin
 from genfill_server.engines.base import (
     GATED_OPTIONS,

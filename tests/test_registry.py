@@ -11,13 +11,13 @@ that is not to this machine.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 import json
 import re
 import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np

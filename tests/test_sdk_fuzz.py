@@ -19,8 +19,8 @@ import pytest
 from genfill import AsyncClient, Client, errors
 from genfill.session import ClientSession, FillResult
 from hypothesis import HealthCheck, event, given, settings
-from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 from PIL import Image
 
 from blocking import Blocking, Loop
@@ -167,7 +167,12 @@ _OPTION_VALUES = {
     "control": st.one_of(
             st.none(),
             st.text(max_size=4),
-            st.lists(st.one_of(st.sampled_from(["canny", "depth", "nope"]), st.dictionaries(st.text(max_size=6), _NUMBERS, max_size=3)), max_size=3),
+            st.lists(
+                st.one_of(
+                    st.sampled_from(["canny", "depth", "nope"]), st.dictionaries(st.text(max_size=6), _NUMBERS, max_size=3)
+                ),
+                max_size=3,
+            ),
         ),
     "references": st.one_of(
             st.none(),
@@ -175,7 +180,11 @@ _OPTION_VALUES = {
             st.lists(
                 st.fixed_dictionaries(
                     {"role": st.sampled_from(["reference", "control", "init", "region_mask", "nope", None])},
-                    optional={"image": st.one_of(arrays(), st.text(max_size=4)), "weight": _NUMBERS, "control_type": st.sampled_from(["canny", None])},
+                    optional={
+                        "image": st.one_of(arrays(), st.text(max_size=4)),
+                        "weight": _NUMBERS,
+                        "control_type": st.sampled_from(["canny", None]),
+                    },
                 ),
                 max_size=2,
             ),
@@ -242,7 +251,19 @@ def test_every_broken_file_is_a_typed_error(clients, files):
 
 
 @settings(max_examples=200, deadline=None)
-@given(frame=st.one_of(st.binary(max_size=200), st.text(max_size=200), st.builds(lambda kind, extra: '{"type": "%s"%s}' % (kind, extra), st.sampled_from(["hello", "result", "error", "progress", "accepted", "image_status", "cancelled", "uploaded", "x"]), st.sampled_from(["", ', "job_id": 3', ', "code": 1', ', "present": "a"']))))
+@given(
+    frame=st.one_of(
+        st.binary(max_size=200),
+        st.text(max_size=200),
+        st.builds(
+            lambda kind, extra: f'{{"type": "{kind}"{extra}}}',
+            st.sampled_from(
+                ["hello", "result", "error", "progress", "accepted", "image_status", "cancelled", "uploaded", "x"]
+            ),
+            st.sampled_from(["", ', "job_id": 3', ', "code": 1', ', "present": "a"']),
+        ),
+    )
+)
 def test_random_frames_only_ever_raise_protocol_errors(frame):
     session = ClientSession()
     try:

@@ -9,10 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -24,7 +21,15 @@ from genfill_server.background import BackgroundServer
 from genfill_server.engines import default_engines
 from websockets.exceptions import InvalidStatus
 
-from bad_input.wire import LEAK_MARKERS, RawSocket, Session, assert_clean_error, box_mask, open_ws, small_image, submit_message
+from bad_input.wire import (
+    RawSocket,
+    Session,
+    assert_clean_error,
+    box_mask,
+    open_ws,
+    small_image,
+    submit_message,
+)
 from test_faults import Recorder, scripted_engines, start_cli_server
 
 pytestmark = pytest.mark.timeout(60)

@@ -21,7 +21,17 @@ from . import session as core
 from .errors import ConnectionClosed, GenfillError, ProtocolError, Timeout
 from .images import ImageInput
 from .protocol import Hello, ImageStatus
-from .transport import CONNECT_ERRORS, HTTP_ERRORS, BaseClient, Deadline, connection_error, http_get_json, map_connect_error, map_http_error, timeout_or
+from .transport import (
+    CONNECT_ERRORS,
+    HTTP_ERRORS,
+    BaseClient,
+    Deadline,
+    connection_error,
+    http_get_json,
+    map_connect_error,
+    map_http_error,
+    timeout_or,
+)
 
 
 class AsyncJob(core.JobHandle):

@@ -24,7 +24,17 @@ from . import session as core
 from .errors import ConnectionClosed, GenfillError, ProtocolError, Timeout
 from .images import ImageInput
 from .protocol import Hello, ImageStatus
-from .transport import CONNECT_ERRORS, HTTP_ERRORS, BaseClient, Deadline, connection_error, http_get_json, map_connect_error, map_http_error, timeout_or
+from .transport import (
+    CONNECT_ERRORS,
+    HTTP_ERRORS,
+    BaseClient,
+    Deadline,
+    connection_error,
+    http_get_json,
+    map_connect_error,
+    map_http_error,
+    timeout_or,
+)
 
 # websockets 17.1 deprecates calling the sync connect() outside a ``with`` unless
 # ``legacy=True`` is passed; older releases hand unknown keywords to

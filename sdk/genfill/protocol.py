@@ -35,9 +35,18 @@ import json
 import re
 import struct
 from enum import StrEnum
-from typing import Annotated, Literal, NamedTuple, Union
+from typing import Annotated, Literal, NamedTuple
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PROTOCOL_VERSION = 1
 """The major version: a client refuses a server of another major version. Additions are
@@ -326,7 +335,7 @@ class Cancel(_Message):
     job_id: JobId
 
 
-ClientMessage = Annotated[Union[HasImages, Submit, Cancel], Field(discriminator="type")]
+ClientMessage = Annotated[HasImages | Submit | Cancel, Field(discriminator="type")]
 
 
 # Server -> client
@@ -467,7 +476,7 @@ class Cancelled(_ServerMessage):
 
 
 ServerMessage = Annotated[
-    Union[Hello, ImageStatus, Uploaded, Accepted, Progress, Result, Error, Cancelled],
+    Hello | ImageStatus | Uploaded | Accepted | Progress | Result | Error | Cancelled,
     Field(discriminator="type"),
 ]
 

@@ -7,12 +7,22 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import websockets
 
-from .errors import InvalidInput, AuthenticationError, ConnectError, ConnectionClosed, ConnectTimeout, GenfillError, ProtocolError, Timeout
+from .errors import (
+    AuthenticationError,
+    ConnectError,
+    ConnectionClosed,
+    ConnectTimeout,
+    GenfillError,
+    InvalidInput,
+    ProtocolError,
+    Timeout,
+)
 from .protocol import Hello, Limits
 from .state import default_state_path, read_state
 
@@ -76,7 +86,8 @@ class ConnectionSettings:
             # A folder, a file of another shape, one we may not read: all mean no usable server.
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 raise ConnectError(f"the server state file {path} is unreadable: {exc}") from exc
-            if state is not None and not (isinstance(state.url, str) and isinstance(state.token, str)):
+            # A state file written by hand can hold anything its JSON allows.
+            if state is not None and not (isinstance(state.url, str) and isinstance(state.token, str)):  # type: ignore[redundant-expr]
                 raise ConnectError(f"the server state file {path} is unreadable: url and token must be strings")
             if state is not None:
                 if url is None:
@@ -154,7 +165,7 @@ class _RedactingLogger(logging.LoggerAdapter):
     def __init__(self, logger: logging.Logger) -> None:
         super().__init__(logger, {})
 
-    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:
+    def log(self, level: int, msg: object, *args: object, **kwargs: Any) -> None:
         if self.isEnabledFor(level) and len(args) == 2 and str(args[0]).lower() == "authorization":
             args = (args[0], "[redacted]")
         super().log(level, msg, *args, **kwargs)

@@ -8,6 +8,7 @@ the composite there is the input, bit for bit, whatever the engine returns.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -15,8 +16,6 @@ import numpy as np
 from genfill import fill
 from genfill.fill import Box, Size
 from genfill.images import to_mask
-from collections.abc import Sequence
-
 from genfill.protocol import ErrorCode, FillRequest, ImageReference, Mode, ReferenceRole
 
 from .engines.base import ControlSpec, Engine, EngineJob, EngineOptions, EngineReference, StepCallback

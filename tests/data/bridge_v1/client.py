@@ -20,7 +20,15 @@ from urllib.parse import urlsplit
 from . import __version__, messages
 from ._vendor.websockets import exceptions as ws_exceptions
 from ._vendor.websockets.sync.client import ClientConnection, connect
-from .errors import BridgeError, ConnectionLost, JobCancelled, JobFailed, ProtocolMismatch, ServerNotRunning, TokenRejected
+from .errors import (
+    BridgeError,
+    ConnectionLost,
+    JobCancelled,
+    JobFailed,
+    ProtocolMismatch,
+    ServerNotRunning,
+    TokenRejected,
+)
 from .frames import decode_frame
 from .geometry import Box, Size
 from .settings import ServerSettings
