@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from genfill.protocol import ModelInfo
 
@@ -44,6 +45,10 @@ class ProviderContext:
 
     registry: ModelRegistry
     offload: bool = False
+    remote: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """The remote (cloud) providers switched on (``genfill serve --remote``, or a config file's
+    ``enabled``), each with its settings table, possibly empty. A remote provider whose name is
+    not here offers nothing: no image leaves the machine unless the user asked for it."""
 
 
 Provider = Callable[[ProviderContext], Iterable[EngineSpec]]
