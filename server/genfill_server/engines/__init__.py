@@ -19,9 +19,10 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from genfill.protocol import EngineInfo, ErrorCode, FillRequest, Mode, ResultWarning
 
@@ -209,6 +210,7 @@ def default_engines(
     offload: bool = False,
     registry: ModelRegistry | None = None,
     providers: dict[str, Provider] | None = None,
+    remote: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> EngineSet:
     """The engines this installation can run: classic always, one diffusion engine per family
     that has an installed model (see ``genfill_server.registry``), and whatever installed
@@ -223,6 +225,8 @@ def default_engines(
         offload: model CPU offload for GPUs too small to hold a whole pipeline.
         registry: an already scanned registry; overrides ``model_dirs`` and ``hf_cache``.
         providers: the providers to ask, by name; ``None`` means ``discover_providers()``.
+        remote: the cloud providers switched on, with their settings (``ProviderContext.remote``);
+            ``None``: none.
 
     Raises:
         ValueError: ``default_engine`` names an engine this installation does not have.
@@ -230,7 +234,7 @@ def default_engines(
     if registry is None:
         cache: Path | None | bool = None if hf_cache is True else hf_cache
         registry = ModelRegistry(model_dirs=[Path(d) for d in model_dirs], hf_cache=cache)
-    context = ProviderContext(registry=registry, offload=offload)
+    context = ProviderContext(registry=registry, offload=offload, remote=dict(remote or {}))
     specs: dict[str, EngineSpec] = {}
     for provider_name, provider in (discover_providers() if providers is None else providers).items():
         try:
