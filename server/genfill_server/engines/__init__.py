@@ -177,6 +177,7 @@ BUILTIN_PROVIDERS = {
     "classic": "genfill_server.engines.providers:classic",
     "diffusion": "genfill_server.engines.providers:diffusion",
     "controlnet": "genfill_server.engines.providers:controlnet",
+    "openai": "genfill_server.engines.remote.openai:provide",
 }
 """genfill's own providers, as its ``pyproject.toml`` registers them (a test keeps the two
 equal); used as they are when genfill runs from a source tree that was never installed."""
