@@ -336,6 +336,17 @@ class FakeBFL(FakeProvider):
         self.tasks: dict[str, dict] = {}
         self.final_status = "Ready"
         self.polling_host: str | None = None
+        self.active = 0
+        self.max_active = 0
+        """Tasks made and not yet finished: what BFL's "active tasks" limit counts."""
+
+    def reset(self) -> None:
+        super().reset()
+        self.tasks.clear()
+        self.pending_polls = 2
+        self.final_status = "Ready"
+        self.polling_host = None
+        self.active = self.max_active = 0
 
     def answer(self, request: Request) -> Reply:
         path = request.path
@@ -363,7 +374,9 @@ class FakeBFL(FakeProvider):
                 out[:] = FAKE_COLOUR
                 out[top : top + image.shape[0], left : left + image.shape[1]] = image[..., :3]
             task_id = f"task-{len(self.tasks)}"
-            self.tasks[task_id] = {"polls": 0, "png": png(out), "body": body}
+            self.tasks[task_id] = {"polls": 0, "png": png(out), "body": body, "path": path}
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
             host = self.polling_host or self.url
             return Reply(200, {"id": task_id, "polling_url": f"{host}/v1/get_result?id={task_id}"})
         if path == "/v1/get_result":
@@ -373,6 +386,8 @@ class FakeBFL(FakeProvider):
             task["polls"] += 1
             if task["polls"] <= self.pending_polls:
                 return Reply(200, {"id": "x", "status": "Pending", "result": None, "progress": task["polls"] / (self.pending_polls + 1)})
+            if task["polls"] == self.pending_polls + 1:
+                self.active -= 1
             if self.final_status != "Ready":
                 return Reply(200, {"id": "x", "status": self.final_status, "result": None, "details": {"reason": "because"}})
             task_id = request.query["id"][0]

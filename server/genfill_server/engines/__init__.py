@@ -178,6 +178,7 @@ BUILTIN_PROVIDERS = {
     "diffusion": "genfill_server.engines.providers:diffusion",
     "controlnet": "genfill_server.engines.providers:controlnet",
     "openai": "genfill_server.engines.remote.openai:provide",
+    "bfl": "genfill_server.engines.remote.bfl:provide",
 }
 """genfill's own providers, as its ``pyproject.toml`` registers them (a test keeps the two
 equal); used as they are when genfill runs from a source tree that was never installed."""
