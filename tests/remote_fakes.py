@@ -406,6 +406,9 @@ class FakeImagen(FakeProvider):
         super().__init__()
         self.token = token
         self.filtered = 0
+        """Images the safety filter removes from every answer..."""
+        self.filter_plan: deque[int] = deque()
+        """...or from the next answers, one number an answer, while any are left."""
 
     def answer(self, request: Request) -> Reply:
         if not (request.path.startswith("/v1/projects/") and request.path.endswith(":predict")):
@@ -429,7 +432,8 @@ class FakeImagen(FakeProvider):
             return Reply(400, {"error": {"code": 400, "message": "mask size differs", "status": "INVALID_ARGUMENT"}})
         edit = (mask if mask.ndim == 2 else mask[..., 0]) != 0
         out = b64(png(painted(raw, edit)))
-        kept = max(0, count - self.filtered)
+        filtered = self.filter_plan.popleft() if self.filter_plan else self.filtered
+        kept = max(0, count - filtered)
         predictions = [{"bytesBase64Encoded": out, "mimeType": "image/png"} for _ in range(kept)]
         return Reply(200, {"predictions": predictions} if predictions else {})
 

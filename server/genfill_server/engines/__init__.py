@@ -179,6 +179,7 @@ BUILTIN_PROVIDERS = {
     "controlnet": "genfill_server.engines.providers:controlnet",
     "openai": "genfill_server.engines.remote.openai:provide",
     "bfl": "genfill_server.engines.remote.bfl:provide",
+    "imagen": "genfill_server.engines.remote.imagen:provide",
 }
 """genfill's own providers, as its ``pyproject.toml`` registers them (a test keeps the two
 equal); used as they are when genfill runs from a source tree that was never installed."""
