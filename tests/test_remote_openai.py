@@ -448,10 +448,13 @@ def test_the_bridge_fills_with_the_remote_model(server, fake):
     remote = [m for m in catalogue["models"] if m.get("remote")]
     assert remote and remote[0]["host"] == fake.url.removeprefix("http://")
     document = Document()
-    prepared = gb.prepare(document, gb.FillOptions(prompt="a boat", model="gpt-image-1", variations=1))
+    # The fake answers every variation with the same image: one frame serves both.
+    prepared = gb.prepare(document, gb.FillOptions(prompt="a boat", model="gpt-image-1", variations=2))
     result = gb.run(prepared, settings)
     gb.apply(document, prepared, result)
     (box, layers), = document.inserted
-    layer = np.frombuffer(layers[0], np.uint8).reshape(box.height, box.width, 4)
-    outside = document.selection[box.y:box.bottom, box.x:box.right] == 0
-    assert (layer[outside][:, 3] == 0).all() and (layer[~outside][:, 3] > 0).any()
+    assert len(layers) == 2
+    for data in layers:
+        layer = np.frombuffer(data, np.uint8).reshape(box.height, box.width, 4)
+        outside = document.selection[box.y:box.bottom, box.x:box.right] == 0
+        assert (layer[outside][:, 3] == 0).all() and (layer[~outside][:, 3] > 0).any()
