@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import sys
 import threading
@@ -353,3 +354,14 @@ def test_the_bridge_expands_with_the_remote_engine(server, fake):
     box, layers, grow = document.inserted
     assert grow == gb.Margins(right=20) and box.right <= 80
     assert [r.path for r in posts(fake)] == ["/v1/flux-pro-1.0-expand"]
+
+
+def test_the_key_is_never_logged(fake, caplog):
+    caplog.set_level(logging.DEBUG)
+    fake.queue("/v1/flux-pro-1.0-fill", Reply(503, {"detail": f"echoing {KEY}"}))
+    fake.queue("/v1/get_result", Reply(500, {"detail": "oops"}))
+    run_engine(engine_for(fake))
+    fake.queue("/v1/flux-pro-1.0-fill", Reply(403, {"detail": f"bad key {KEY}"}))
+    with pytest.raises(EngineError):
+        run_engine(engine_for(fake))
+    assert "retrying" in caplog.text and KEY not in caplog.text

@@ -447,6 +447,11 @@ def test_the_bridge_fills_with_the_remote_model(server, fake):
     catalogue = gb.fetch_catalogue(settings)
     remote = [m for m in catalogue["models"] if m.get("remote")]
     assert remote and remote[0]["host"] == fake.url.removeprefix("http://")
+    # What a plug-in asks to mark a choice that sends the image away.
+    assert gb.remote_host(catalogue, model="gpt-image-1") == remote[0]["host"]
+    assert gb.remote_host(catalogue, engine="openai") == remote[0]["host"]
+    assert gb.remote_host(catalogue, engine="classic") is None
+    assert gb.remote_host(catalogue) is None  # the default engine is classic
     document = Document()
     # The fake answers every variation with the same image: one frame serves both.
     prepared = gb.prepare(document, gb.FillOptions(prompt="a boat", model="gpt-image-1", variations=2))
@@ -458,3 +463,12 @@ def test_the_bridge_fills_with_the_remote_model(server, fake):
         layer = np.frombuffer(data, np.uint8).reshape(box.height, box.width, 4)
         outside = document.selection[box.y:box.bottom, box.x:box.right] == 0
         assert (layer[outside][:, 3] == 0).all() and (layer[~outside][:, 3] > 0).any()
+
+
+def test_partial_images_reach_the_sdk_as_previews(server, fake, any_client):
+    fake.partial_delay_s = 0.3  # the server sends a preview at most every 0.25 s
+    canvas = photo(64, 64)
+    job = any_client.submit_fill(canvas, selection_of(64, 64, (10, 10, 20, 20)), engine="openai", variations=1)
+    previews = [event.preview for event in job if event.kind == "progress" and event.preview is not None]
+    assert len(previews) >= 2 and all(p.ndim == 3 and p.shape[2] == 3 for p in previews)
+    assert job.result(10).engine == "openai"
