@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import select
 import socket
@@ -258,7 +259,7 @@ def error(status: int, message: str = "error", code: str | None = None, **header
 class FakeOpenAI(FakeProvider):
     """``POST /v1/images/edits``, as https://platform.openai.com/docs/api-reference/images/createEdit."""
 
-    SIZES = {"1024x1024", "1536x1024", "1024x1536", "auto"}
+    SIZES = frozenset({"1024x1024", "1536x1024", "1024x1536", "auto"})
 
     def __init__(self, key: str) -> None:
         super().__init__()
@@ -339,6 +340,7 @@ class FakeBFL(FakeProvider):
         self.active = 0
         self.max_active = 0
         """Tasks made and not yet finished: what BFL's "active tasks" limit counts."""
+        self._ids = itertools.count()
 
     def reset(self) -> None:
         super().reset()
@@ -373,21 +375,24 @@ class FakeBFL(FakeProvider):
                 out = np.empty((image.shape[0] + top + bottom, image.shape[1] + left + right, 3), np.uint8)
                 out[:] = FAKE_COLOUR
                 out[top : top + image.shape[0], left : left + image.shape[1]] = image[..., :3]
-            task_id = f"task-{len(self.tasks)}"
-            self.tasks[task_id] = {"polls": 0, "png": png(out), "body": body, "path": path}
-            self.active += 1
-            self.max_active = max(self.max_active, self.active)
+            with self._lock:  # submits arrive side by side
+                task_id = f"task-{next(self._ids)}"
+                self.tasks[task_id] = {"polls": 0, "png": png(out), "body": body, "path": path}
+                self.active += 1
+                self.max_active = max(self.max_active, self.active)
             host = self.polling_host or self.url
             return Reply(200, {"id": task_id, "polling_url": f"{host}/v1/get_result?id={task_id}"})
         if path == "/v1/get_result":
             task = self.tasks.get((request.query.get("id") or [""])[0])
             if task is None:
                 return Reply(200, {"id": None, "status": "Task not found", "result": None})
-            task["polls"] += 1
-            if task["polls"] <= self.pending_polls:
+            with self._lock:
+                task["polls"] += 1
+                polls = task["polls"]
+                if polls == self.pending_polls + 1:
+                    self.active -= 1
+            if polls <= self.pending_polls:
                 return Reply(200, {"id": "x", "status": "Pending", "result": None, "progress": task["polls"] / (self.pending_polls + 1)})
-            if task["polls"] == self.pending_polls + 1:
-                self.active -= 1
             if self.final_status != "Ready":
                 return Reply(200, {"id": "x", "status": self.final_status, "result": None, "details": {"reason": "because"}})
             task_id = request.query["id"][0]

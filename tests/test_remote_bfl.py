@@ -36,7 +36,7 @@ from remote_fakes import (
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugin_bridge"))
-import genfill_bridge as gb  # noqa: E402
+import genfill_bridge as gb
 
 KEY = "bfl-test-key-7f3a9c-SECRET"
 FAST = {"retries": 2, "backoff_s": 0.01, "max_retry_after_s": 1.0, "request_timeout_s": 5.0, "deadline_s": 20.0,
@@ -351,7 +351,7 @@ def test_the_bridge_expands_with_the_remote_engine(server, fake):
                                                    expand=gb.Margins(right=20)))
     result = gb.run(prepared, settings)
     gb.apply(document, prepared, result)
-    box, layers, grow = document.inserted
+    box, _layers, grow = document.inserted
     assert grow == gb.Margins(right=20) and box.right <= 80
     assert [r.path for r in posts(fake)] == ["/v1/flux-pro-1.0-expand"]
 

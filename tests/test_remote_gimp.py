@@ -14,7 +14,15 @@ from genfill_server.engines import default_engines, providers
 from genfill_server.engines.remote import bfl
 from PIL import Image
 from remote_fakes import FakeBFL
-from test_gimp import SELECTION, _batch, _mask, _photo, gimp_installed, template_home, workdir  # noqa: F401
+from test_gimp import (  # noqa: F401
+    SELECTION,
+    _batch,
+    _mask,
+    _photo,
+    gimp_installed,
+    template_home,
+    workdir,
+)
 
 KEY = "bfl-gimp-test-key-SECRET"
 
@@ -41,7 +49,7 @@ def server(fake):
         yield running
 
 
-def test_gimp_fills_through_the_cloud_engine(server, fake, workdir):
+def test_gimp_fills_through_the_cloud_engine(server, fake, workdir):  # noqa: F811
     args = {"prompt": "moss", "variations": 2, "seed": 21, "server-url": server.url, "server-token": server.token}
     out = _batch(workdir, "python-fu-genfill-fill", args)
     assert out["status"] == "success", out.get("message") or out["_stderr"]

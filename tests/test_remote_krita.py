@@ -14,7 +14,14 @@ from genfill_server.engines import default_engines, providers
 from genfill_server.engines.remote import bfl
 from PIL import Image
 from remote_fakes import FakeBFL
-from test_krita import SELECTION, _kritarunner, _photo, _selection_mask, krita_installed, template_home  # noqa: F401
+from test_krita import (  # noqa: F401
+    SELECTION,
+    _kritarunner,
+    _photo,
+    _selection_mask,
+    krita_installed,
+    template_home,
+)
 
 KEY = "bfl-krita-test-key-SECRET"
 
@@ -41,7 +48,7 @@ def server(fake):
         yield running
 
 
-def test_krita_fills_through_the_cloud_engine(server, fake, tmp_path, template_home):
+def test_krita_fills_through_the_cloud_engine(server, fake, tmp_path, template_home):  # noqa: F811
     out = _kritarunner("fill", {"url": server.url, "token": server.token, "prompt": "sea", "variations": 2, "seed": 5},
                        tmp_path, template_home)
     assert out["ok"] is True, out["text"]

@@ -569,7 +569,7 @@ async def all_of(coroutines: Iterable[Awaitable[Any]]) -> list[Any]:
         first = failed.exceptions[0]
         while isinstance(first, BaseExceptionGroup):
             first = first.exceptions[0]
-        raise first  # noqa: B904 - its own cause is kept
+        raise first
     return [task.result() for task in tasks]
 
 

@@ -24,7 +24,14 @@ from urllib.parse import urlsplit
 import numpy as np
 from genfill.protocol import ErrorCode, Mode
 
-from ..base import DeviceKind, EngineCapabilities, EngineDefaults, EngineError, EngineJob, StepCallback
+from ..base import (
+    DeviceKind,
+    EngineCapabilities,
+    EngineDefaults,
+    EngineError,
+    EngineJob,
+    StepCallback,
+)
 from ..prefill import prefill
 from ..spec import EngineSpec, ProviderContext
 from ._common import (

@@ -25,7 +25,14 @@ import httpx
 import numpy as np
 from genfill.protocol import ErrorCode, Mode
 
-from ..base import DeviceKind, EngineCapabilities, EngineDefaults, EngineError, EngineJob, StepCallback
+from ..base import (
+    DeviceKind,
+    EngineCapabilities,
+    EngineDefaults,
+    EngineError,
+    EngineJob,
+    StepCallback,
+)
 from ..spec import EngineSpec, ProviderContext
 from ._common import (
     Call,
@@ -230,7 +237,7 @@ class ImagenEngine:
                     self._credentials, _ = google.auth.default(scopes=_SCOPES)
                 if not self._credentials.valid:
                     self._credentials.refresh(google.auth.transport.requests.Request())
-            except Exception as exc:  # noqa: BLE001 - google-auth raises several kinds
+            except Exception as exc:
                 raise EngineError(
                     ErrorCode.REMOTE_AUTH_FAILED,
                     "no usable Google credentials: run `gcloud auth application-default login` or set GOOGLE_ACCESS_TOKEN",

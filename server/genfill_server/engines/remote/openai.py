@@ -28,7 +28,14 @@ from genfill import fill
 from genfill.fill import Size
 from genfill.protocol import ErrorCode, Mode
 
-from ..base import DeviceKind, EngineCapabilities, EngineDefaults, EngineError, EngineJob, StepCallback
+from ..base import (
+    DeviceKind,
+    EngineCapabilities,
+    EngineDefaults,
+    EngineError,
+    EngineJob,
+    StepCallback,
+)
 from ..prefill import prefill
 from ..spec import EngineSpec, ProviderContext
 from ._common import (
@@ -228,7 +235,7 @@ async def _events(response: httpx.Response) -> AsyncIterator[dict[str, Any]]:
             continue
         if line.startswith("data:"):
             value = line[5:]
-            lines.append(value[1:] if value.startswith(" ") else value)
+            lines.append(value.removeprefix(" "))
             size += len(value)
             if size > _MAX_EVENT_CHARS:
                 raise EngineError(ErrorCode.ENGINE_FAILED, "the provider's stream sent an event too large to read")
