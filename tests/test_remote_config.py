@@ -73,6 +73,7 @@ def test_keys_come_from_the_environment_or_a_private_file_never_the_config(tmp_p
     ({"quality": "ultra"}, "openai.quality"), ({"background": "transparent"}, "openai.background"),
     ({"max_concurrent": 0}, "max_concurrent"), ({"colour": "red"}, "unknown setting colour"),
     ({"base_url": "ftp://x"}, "base_url"), ({"base_url": "https://api.openai.com/v1"}, "base_url"),
+    ({"base_url": "http://api.openai.com"}, "must be https://"),
 ])
 def test_bad_settings_name_the_setting(table, message):
     with pytest.raises(ValueError, match=message):

@@ -51,6 +51,7 @@ from a compromised or misconfigured endpoint must not take the server down)."""
 _MAX_MESSAGE_CHARS = 300
 PREVIEW_SIDE = 256
 ALL_MODES = (Mode.FILL, Mode.REMOVE, Mode.EXPAND, Mode.ADD)
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 class Secret:
@@ -207,6 +208,9 @@ def parse_settings(
     parts = urlsplit(url)
     if parts.scheme not in ("https", "http") or not parts.netloc or parts.path not in ("", "/"):
         raise ValueError(f"{provider}.base_url must be scheme://host[:port], not {url!r}")
+    if parts.scheme == "http" and parts.hostname not in _LOOPBACK:
+        # The key would cross the network in the clear.
+        raise ValueError(f"{provider}.base_url must be https:// for a host other than this machine, not {url!r}")
     chosen = table.pop("models", list(models))
     if isinstance(chosen, str):
         chosen = [chosen]
