@@ -28,7 +28,7 @@ from genfill.protocol import EngineInfo, ErrorCode, FillRequest, Mode, ResultWar
 
 from ..errors import RequestError
 from ..registry import ModelRegistry
-from .base import Engine, EngineCapabilities
+from .base import DeviceKind, Engine, EngineCapabilities
 from .spec import EngineSpec, Provider, ProviderContext
 
 __all__ = ["Admission", "EngineSet", "EngineSpec", "ProviderContext", "default_engines", "discover_providers"]
@@ -44,6 +44,8 @@ class Admission:
     engine: str
     capabilities: EngineCapabilities
     warnings: tuple[ResultWarning, ...] = ()
+    lane: str = ""
+    """The lane its job waits in (``EngineSet.lane_of``)."""
 
 
 @dataclass
@@ -83,7 +85,19 @@ class EngineSet:
         """
         name = self.resolve(request)
         capabilities = self.specs[name].capabilities_for(request.model)
-        return Admission(name, capabilities, tuple(capabilities.check(name, request)))
+        return Admission(name, capabilities, tuple(capabilities.check(name, request)), self.lane_of(name, capabilities))
+
+    def lane_of(self, name: str, capabilities: EngineCapabilities | None = None) -> str:
+        """The lane an engine's jobs wait in: a remote engine's own (``EngineSpec.lane_workers``),
+        named ``"remote:<engine>"``, or its device kind's."""
+        spec = self.specs[name]
+        kind = (capabilities or spec.capabilities).device_kind
+        return f"{kind}:{name}" if spec.lane_workers and kind is DeviceKind.REMOTE else str(kind)
+
+    def own_lanes(self) -> dict[str, int]:
+        """The remote engines' own lanes and their worker counts."""
+        lanes = {self.lane_of(name): spec.lane_workers for name, spec in self.specs.items() if spec.lane_workers}
+        return {lane: count for lane, count in lanes.items() if ":" in lane}
 
     def resolve(self, request: FillRequest) -> str:
         """The engine name a request runs on. Raises ``RequestError`` if it cannot run."""

@@ -25,6 +25,10 @@ class EngineSpec:
         model_capabilities: per model name, where a model changes them (native size,
             control types); a model not listed has ``capabilities``.
         needs_model: it holds model weights: one such engine is loaded per device at a time.
+        lane_workers: for a remote engine, ``None``: its jobs wait in the shared remote lane.
+            A number: they wait in a lane of their own with that many workers (its provider's
+            limit), so a provider that is slow or at its limit never holds up another
+            engine's jobs. Other device kinds always use their kind's lane.
     """
 
     name: str
@@ -34,6 +38,7 @@ class EngineSpec:
     models: tuple[ModelInfo, ...] = ()
     model_capabilities: Mapping[str, EngineCapabilities] = field(default_factory=dict)
     needs_model: bool = False
+    lane_workers: int | None = None
 
     def capabilities_for(self, model: str | None) -> EngineCapabilities:
         return self.model_capabilities.get(model, self.capabilities) if model is not None else self.capabilities

@@ -120,6 +120,8 @@ def provide(context: ProviderContext) -> Iterator[EngineSpec]:
         capabilities=CAPABILITIES.refined(native_size=settings.native_size),
         description=f"Google Imagen edit on Vertex AI: the context crop is sent to {settings.host}",
         models=tuple(model_info(settings, NAME, model, "imagen") for model in settings.models),
+        # Jobs past the limit wait in the provider\'s own lane, holding up no other engine.
+        lane_workers=settings.max_concurrent,
     )
 
 

@@ -104,6 +104,8 @@ def provide(context: ProviderContext) -> Iterator[EngineSpec]:
         capabilities=capabilities,
         description=f"OpenAI image edits: the context crop is sent to {settings.host}",
         models=tuple(model_info(settings, NAME, model, "gpt-image") for model in settings.models),
+        # Jobs past the limit wait in the provider\'s own lane, holding up no other engine.
+        lane_workers=settings.max_concurrent,
     )
 
 
