@@ -328,13 +328,33 @@ def fetch_catalogue(settings: ServerSettings) -> dict:
     return {key: hello[key] for key in ("server_version", "engines", "models", "default_engine", "limits")}
 
 
+def remote_host(catalogue: dict, *, engine: str | None = None, model: str | None = None) -> str | None:
+    """The host a fill with ``engine``/``model`` would send the image to, or ``None`` where it
+    stays on the server's machine; for the plug-ins' "the image leaves the machine" marker.
+
+    ``catalogue`` is ``fetch_catalogue``'s (or a hello's); ``None`` for engine and model
+    means what the server picks: its default engine's first model.
+    """
+    models = catalogue.get("models", [])
+    if model is not None:
+        chosen = [m for m in models if m.get("name") == model and (engine is None or m.get("engine") == engine)]
+    else:
+        name = engine or catalogue.get("default_engine")
+        chosen = [m for m in models if m.get("engine") == name]
+    for entry in chosen[:1]:
+        if entry.get("remote"):
+            return entry.get("host") or "another machine"
+    return None
+
+
 def _result(message: dict, received: dict[str, bytes], canvas: Size) -> JobResult:
     box = Box(**{key: int(message["box"][key]) for key in ("x", "y", "width", "height")})
     if box.width <= 0 or box.height <= 0 or not Box(0, 0, canvas.width, canvas.height).contains(box):
         raise ProtocolMismatch(f"the server's result box {tuple(box)} is not inside the {canvas.width}x{canvas.height} canvas")
     variations = []
     for variation in message["variations"]:
-        payload = received.pop(variation["image"], None)
+        # Two variations may be the same image (one frame, one id): read, do not take.
+        payload = received.get(variation["image"])
         if payload is None:
             raise ProtocolMismatch("the server's result refers to an image it never sent")
         if len(payload) != box.width * box.height * 4:

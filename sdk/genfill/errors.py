@@ -111,6 +111,11 @@ _CLASS_BY_CODE: dict[ErrorCode, type[GenfillError]] = {
     ErrorCode.MODEL_NOT_FOUND: EngineUnavailable,
     ErrorCode.WEIGHTS_NOT_INSTALLED: EngineUnavailable,
     ErrorCode.UNSUPPORTED: Unsupported,
+    ErrorCode.REMOTE_AUTH_FAILED: JobFailed,
+    ErrorCode.REMOTE_QUOTA_EXCEEDED: JobFailed,
+    ErrorCode.MODERATED: JobFailed,
+    ErrorCode.REMOTE_UNAVAILABLE: JobFailed,
+    ErrorCode.REMOTE_TIMEOUT: JobFailed,
 }
 
 

@@ -178,7 +178,7 @@ class ServerSession:
             selection,
             seeds,
             admission.engine,
-            lane=admission.capabilities.device_kind,
+            lane=admission.lane or admission.capabilities.device_kind,
             references=self._references(request, canvas),
             warnings=admission.warnings,
         )
