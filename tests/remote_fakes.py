@@ -396,7 +396,8 @@ class FakeBFL(FakeProvider):
             if self.final_status != "Ready":
                 return Reply(200, {"id": "x", "status": self.final_status, "result": None, "details": {"reason": "because"}})
             task_id = request.query["id"][0]
-            return Reply(200, {"id": task_id, "status": "Ready", "result": {"sample": f"{self.url}/delivery/{task_id}.png", "seed": task["body"].get("seed")}})
+            sample = f"{self.url}/delivery/{task_id}.png"
+            return Reply(200, {"id": task_id, "status": "Ready", "result": {"sample": sample, "seed": task["body"].get("seed")}})
         return Reply(404, {"detail": "Not Found"})
 
 
@@ -419,7 +420,8 @@ class FakeImagen(FakeProvider):
         if not (request.path.startswith("/v1/projects/") and request.path.endswith(":predict")):
             return Reply(404, {"error": {"code": 404, "message": "not found", "status": "NOT_FOUND"}})
         if request.headers.get("authorization") != f"Bearer {self.token}":
-            return Reply(401, {"error": {"code": 401, "message": "Request had invalid authentication credentials.", "status": "UNAUTHENTICATED"}})
+            message = "Request had invalid authentication credentials."
+            return Reply(401, {"error": {"code": 401, "message": message, "status": "UNAUTHENTICATED"}})
         body = request.json()
         try:
             instance = body["instances"][0]

@@ -21,6 +21,7 @@ from genfill_server.engines.remote import (
     openai,
 )
 from PIL import Image
+
 from remote_fakes import FakeOpenAI, photo, selection_of
 
 KEY = "sk-config-test-9d2e-SECRET"

@@ -19,6 +19,7 @@ from genfill_server.background import BackgroundServer
 from genfill_server.engines import default_engines, providers
 from genfill_server.engines.base import EngineError, JobCancelledError
 from genfill_server.engines.remote import imagen
+
 from remote_fakes import (
     FakeImagen,
     Reply,

@@ -13,6 +13,7 @@ from genfill_server.background import BackgroundServer
 from genfill_server.engines import default_engines, providers
 from genfill_server.engines.remote import bfl
 from PIL import Image
+
 from remote_fakes import FakeBFL
 from test_krita import (  # noqa: F401
     SELECTION,

@@ -11,6 +11,7 @@ from genfill_server.app import ServerConfig
 from genfill_server.background import BackgroundServer
 from genfill_server.engines import default_engines, providers
 from genfill_server.engines.remote import bfl, openai
+
 from remote_fakes import FakeBFL, FakeOpenAI, photo, selection_of, wait_until
 
 KEY = "lanes-test-key-SECRET"

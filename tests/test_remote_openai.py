@@ -21,6 +21,7 @@ from genfill_server.background import BackgroundServer
 from genfill_server.engines import default_engines, providers
 from genfill_server.engines.base import EngineError, JobCancelledError
 from genfill_server.engines.remote import openai
+
 from remote_fakes import (
     FakeOpenAI,
     Reply,
@@ -37,7 +38,7 @@ from remote_fakes import (
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugin_bridge"))
-import genfill_bridge as gb
+import genfill_bridge as gb  # noqa: E402
 
 KEY = "sk-test-0123456789abcdef-SECRET"
 FAST = {"retries": 2, "backoff_s": 0.01, "max_retry_after_s": 1.0, "request_timeout_s": 5.0, "deadline_s": 20.0,

@@ -573,7 +573,7 @@ async def all_of(coroutines: Iterable[Awaitable[Any]]) -> list[Any]:
         first = failed.exceptions[0]
         while isinstance(first, BaseExceptionGroup):
             first = first.exceptions[0]
-        raise first
+        raise first from None
     return [task.result() for task in tasks]
 
 
