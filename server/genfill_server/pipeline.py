@@ -200,7 +200,9 @@ def prepare_fill(
     # A grown canvas's new area is transparent: a soft edge there would leave a half-transparent
     # seam, and the old pixels stay as they are anyway.
     blend_px = 0 if request.mode is Mode.EXPAND else (defaults.blend_px if request.blend_px is None else request.blend_px)
-    blend_floor = defaults.blend_floor if request.blend_px is None else 0
+    # Removal pastes a hard selection hard: any share of the original left in it shows the
+    # removed object's outline (issue 15), and a fill copied from the image has no seam to hide.
+    blend_floor = 0 if request.blend_px is not None else (255 if request.mode is Mode.REMOVE else defaults.blend_floor)
 
     rgb = np.ascontiguousarray(fill.crop(canvas, context)[:, :, :3])
     local_selection = fill.crop(selection, context)
