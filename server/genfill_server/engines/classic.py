@@ -45,7 +45,7 @@ from genfill.protocol import ErrorCode
 
 from .base import EngineError, EngineJob, StepCallback
 
-WORK_PIXELS = 50000
+WORK_PIXELS = 32000
 """The context is halved until it has at most this many pixels before PyPatchMatch runs: at
 512 px every benchmark context is halved once, and PyPatchMatch takes about 0.3 s."""
 
@@ -85,6 +85,9 @@ REGION_BLUR_SIGMA = 8.0
 that a texture (gravel, grass) is one region, narrow enough that a saucer and the table
 beside it are two."""
 
+REGION_SWEEPS = 2
+"""SOR sweeps of the regions' indicator membranes at full scale (coarser scales as usual)."""
+
 MAX_REGIONS = 3
 """At most this many regions meet at the hole's border (k-means over its colours)."""
 
@@ -112,12 +115,12 @@ COARSE_SWEEPS = 2
 """PatchMatch sweeps that find, at the working scale, where PyPatchMatch's fill came from (its
 NNF is not exposed); 3 scored 0.03 dB lower after the split and kept less texture (0.83)."""
 
-REGION_BETWEEN = 0.25
-"""A border colour is between regions when its distance to its own region's centre exceeds
-this share of the distance from that centre to the next ..."""
+REGION_BETWEEN = 0.2
+"""A border colour is between two regions when it projects onto the middle of the segment
+joining their centres, within this share of its length of the midpoint ..."""
 
-REGION_MAX_BETWEEN_SHARE = 0.5
-"""... and regions are only kept when at most this share of the border is between them."""
+REGION_MAX_BETWEEN_SHARE = 0.15
+"""... and two regions are one when more than this share of their colours is between them."""
 
 LOW_BAND_SIGMA = 12.0
 """The fill's low band, a Gaussian of this many pixels, comes from the membrane, the rest from
@@ -249,7 +252,8 @@ def _regions(image: np.ndarray, hole: np.ndarray) -> Regions:
     indicator = np.zeros(hole.shape + (3,), np.float32)
     for index in range(len(centres)):
         indicator[..., index] = labels == index
-    continued = _harmonic_fill(indicator, hole)
+    # Only the argmax is used: a few sweeps at full scale suffice.
+    continued = _harmonic_fill(indicator, hole, sweeps=REGION_SWEEPS)
     labels[hole] = continued[hole][:, : len(centres)].argmax(axis=-1)
     return Regions(labels, len(centres))
 
@@ -276,15 +280,23 @@ def _cluster(points: np.ndarray) -> np.ndarray:
             return centres
     # Regions meet at edges: few border colours lie between two of them. A gradient (a sky,
     # a lit wall) or a texture spreads its colours evenly between any centres k-means finds:
-    # it is one region, whose membrane continues it.
-    nearest = ((points[:, None] - centres[None]) ** 2).sum(axis=-1)
-    order = np.sort(nearest, axis=1)
-    gaps = ((centres[:, None] - centres[None]) ** 2).sum(axis=-1)
-    np.fill_diagonal(gaps, np.inf)
-    own = nearest.argmin(axis=1)
-    between = np.sqrt(order[:, 0]) > REGION_BETWEEN * np.sqrt(gaps[own].min(axis=1))
-    if between.mean() > REGION_MAX_BETWEEN_SHARE:
-        return centres[:1] * 0 + np.median(points, axis=0)
+    # such a pair is one region, whose membrane continues it.
+    while len(centres) >= 2:
+        own = ((points[:, None] - centres[None]) ** 2).sum(axis=-1).argmin(axis=1)
+        worst, pair = 0.0, None
+        for i in range(len(centres)):
+            for j in range(i + 1, len(centres)):
+                members = points[(own == i) | (own == j)]
+                axis = centres[j] - centres[i]
+                along = (members - centres[i]) @ axis / max(float(axis @ axis), 1e-6)
+                share = float((np.abs(along - 0.5) < REGION_BETWEEN).mean())
+                if share > worst:
+                    worst, pair = share, (i, j)
+        if pair is None or worst <= REGION_MAX_BETWEEN_SHARE:
+            break
+        i, j = pair
+        joined = points[(own == i) | (own == j)].mean(axis=0)
+        centres = np.array([c for k, c in enumerate(centres) if k not in pair] + [joined], np.float32)
     return centres
 
 
@@ -317,6 +329,8 @@ def source_mask(image: np.ndarray, hole: np.ndarray) -> tuple[np.ndarray, int]:
         if np.count_nonzero(ring) < 8:
             ring = local_known & outer
         compatible = _border_colours(_local_lab(image[crop], local_known), ring)
+        # A patch centred beside a foreign colour copies some of it: keep a patch's reach.
+        compatible &= ~_grow(local_known & ~compatible, PATCHMATCH_RADIUS)
         band = local_known & _grow(local_hole, band_px)
         allowed = _joined_to(band & compatible, ring, reach_px=2 * band_px)
         if np.count_nonzero(allowed) >= needed:
@@ -331,6 +345,9 @@ def source_mask(image: np.ndarray, hole: np.ndarray) -> tuple[np.ndarray, int]:
 def _depth(hole: np.ndarray) -> int:
     """The largest chessboard distance from a hole pixel to the known pixels (the image edge
     is no known pixel), by bisection on erosions; ``hole`` has a known pixel."""
+    rows = np.flatnonzero(hole.any(axis=1))
+    cols = np.flatnonzero(hole.any(axis=0))
+    hole = hole[max(rows[0] - 1, 0) : rows[-1] + 2, max(cols[0] - 1, 0) : cols[-1] + 2]
     low, high = 1, max(hole.shape)
     while low < high:
         middle = (low + high + 1) // 2
@@ -407,10 +424,17 @@ passes of single steps, at the cost of leaping gaps of one pixel (an edge betwee
 wider than that in local colour, which is blurred)."""
 
 
-def _joined_to(mask: np.ndarray, seeds: np.ndarray, reach_px: int) -> np.ndarray:
+def _joined_to(mask: np.ndarray, seeds: np.ndarray, reach_px: int, coarse: bool = True) -> np.ndarray:
     """The pixels of ``mask`` reached from ``seeds`` within about ``reach_px`` pixels of
     path inside ``mask`` (a geodesic dilation: within a band, the parts joined to the
     border)."""
+    if coarse and min(mask.shape) >= 64:
+        # At half scale (a coarse pixel is in the mask when all four of its pixels are):
+        # an eighth of the work, and the parts that the coarse dilation misses are thin.
+        height, width = mask.shape
+        joined = _joined_to(_halve_all(mask), _halve_any(seeds & mask), (reach_px + 1) // 2, coarse=False)
+        up = np.repeat(np.repeat(joined, 2, axis=0), 2, axis=1)[:height, :width]
+        return _grow(up, 1) & mask | (seeds & mask)
     reached = seeds & mask
     for _ in range(-(-reach_px // JOIN_STEP_PX)):
         grown = _grow(reached, JOIN_STEP_PX) & mask
@@ -418,6 +442,12 @@ def _joined_to(mask: np.ndarray, seeds: np.ndarray, reach_px: int) -> np.ndarray
             break
         reached = grown
     return reached
+
+
+def _halve_any(mask: np.ndarray) -> np.ndarray:
+    h, w = mask.shape
+    padded = np.pad(mask, ((0, h % 2), (0, w % 2)))
+    return padded.reshape((h + h % 2) // 2, 2, (w + w % 2) // 2, 2).any(axis=(1, 3))
 
 
 def context_box(hole: np.ndarray, band_px: int) -> Box:
@@ -593,10 +623,22 @@ def _patchmatch_regions(
         sources = allowed & (labels == index)
         if np.count_nonzero(sources & ~reach) < max(MIN_SOURCES, np.count_nonzero(part)):
             sources = allowed
-        # The rest of the hole is neither filled nor copied in this pass.
-        filled = _patchmatch(image, part, sources & ~(hole & ~part), seed, others=hole & ~part)
-        out[part] = filled[part]
+        # Each pass looks only at its part and sources; the rest of the hole is neither
+        # filled nor copied in it.
+        box = _bounding_box(part | sources, PATCHMATCH_RADIUS + 1)
+        crop = box.slices
+        filled = _patchmatch(image[crop], part[crop], sources[crop], seed, others=(hole & ~part)[crop])
+        out[crop][part[crop]] = filled[part[crop]]
     return out
+
+
+def _bounding_box(mask: np.ndarray, margin: int) -> Box:
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    height, width = mask.shape
+    top, left = max(0, rows[0] - margin), max(0, cols[0] - margin)
+    bottom, right = min(height, rows[-1] + 1 + margin), min(width, cols[-1] + 1 + margin)
+    return Box(int(left), int(top), int(right - left), int(bottom - top))
 
 
 def _patchmatch(
