@@ -427,3 +427,38 @@ def test_a_hard_selection_keeps_at_most_a_quarter_of_the_original(mode, blend_px
     assert alpha[selection == 255].min() == least_alpha
     assert (alpha[selection == 0] == 0).all()
     assert (alpha[149, 101:399] == soft_alpha).all()
+
+
+def sky_with_a_balloon() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A mottled sky 128 x 160, a red kite string along its right edge (rows 56-65), and a
+    red balloon 40 px in from that edge; then a 64 px margin to the right to expand into.
+
+    Returns ``(image, margin, balloon)`` on the grown canvas."""
+    rng = np.random.default_rng(2)
+    image = np.clip(rng.normal((120, 160, 210), 6, (128, 224, 3)), 0, 255).astype(np.uint8)
+    y, x = np.mgrid[0:128, 0:224]
+    balloon = (y - 30) ** 2 + (x - 110) ** 2 < 12**2
+    image[balloon] = (220, 30, 40)
+    image[56:66, 120:160] = (220, 30, 40)
+    margin = x >= 160
+    image[margin] = 0
+    return image, margin, balloon
+
+
+def test_expand_continues_the_edge_and_leaves_objects_further_in_alone() -> None:
+    image, margin, balloon = sky_with_a_balloon()
+    inward, _ = source_mask(image, margin)
+    outward, band_px = source_mask(image, margin, 0.5, 0.5)
+    # Red is a border colour (the string): deep in the default band the balloon is a source,
+    # in expand's half-deep band it is not.
+    assert (inward & balloon).any()
+    assert not (outward & balloon).any() and band_px == 32
+
+    engine = ClassicEngine()
+    selection = margin.astype(np.uint8) * 255
+    job = EngineJob(image=image, selection=selection, denoise_mask=selection, seeds=[0, 1], options={"mode": "expand"})
+    for result in engine.run(job, lambda *args: None):
+        red = (result[..., 0].astype(int) - result[..., 2]) > 100
+        # The string may continue outward; no red anywhere else in the margin.
+        rows = np.flatnonzero((red & margin).any(axis=1))
+        assert rows.size == 0 or (rows.min() >= 46 and rows.max() <= 75), rows

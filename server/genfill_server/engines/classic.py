@@ -59,8 +59,15 @@ BAND_DEPTH_FACTOR = 1.0
 """... and this many times the hole's half-thickness (its deepest pixel's distance to the
 edge): a thick hole needs sources from further out than a thin stroke does."""
 
+EXPAND_BAND_DEPTH_FACTOR = 0.5
+"""For expand, the band is this many times the new margin's depth: a margin continues the
+image's edge region, and salient objects deeper in stay where they are."""
+
 MIN_SOURCE_RATIO = 2.0
-"""The band is doubled until it holds this many allowed source pixels per hole pixel."""
+"""The band is doubled until it holds this many allowed source pixels per hole pixel ..."""
+
+EXPAND_MIN_SOURCE_RATIO = 0.5
+"""... for expand this many: the half-deep band along an edge holds half the margin's area."""
 
 BORDER_RING_PX = (2.0, 6.0)
 """The hole's border, whose colours say what may be copied: known pixels this far from the
@@ -166,6 +173,7 @@ def content_aware_fill(
     *,
     seed: int,
     on_step: ProgressCallback | None = None,
+    outward: bool = False,
 ) -> np.ndarray:
     """Fills ``hole`` with texture and structure taken from the rest of ``image``.
 
@@ -181,6 +189,9 @@ def content_aware_fill(
             about a second apart at the working scale), with ``step`` rising to ``total``. It
             may raise (``JobCancelledError``) to stop the fill; the exception propagates.
             ``None`` reports nothing.
+        outward: the hole is new canvas around the image (expand): sources come from a
+            band ``EXPAND_BAND_DEPTH_FACTOR`` as deep, so the border region is continued
+            outward rather than objects further in copied out as ghosts.
 
     Returns:
         ``(H, W, 3)`` uint8 RGB image, bit-identical to ``image`` outside the hole.
@@ -203,7 +214,10 @@ def content_aware_fill(
         report(1, 1, None)
         return out
 
-    allowed, band_px = source_mask(image, hole)
+    if outward:
+        allowed, band_px = source_mask(image, hole, EXPAND_BAND_DEPTH_FACTOR, EXPAND_MIN_SOURCE_RATIO)
+    else:
+        allowed, band_px = source_mask(image, hole)
     box = context_box(hole, band_px)
     crop = box.slices
     regions = _regions(image[crop], hole[crop])
@@ -300,7 +314,12 @@ def _cluster(points: np.ndarray) -> np.ndarray:
     return centres
 
 
-def source_mask(image: np.ndarray, hole: np.ndarray) -> tuple[np.ndarray, int]:
+def source_mask(
+    image: np.ndarray,
+    hole: np.ndarray,
+    depth_factor: float = BAND_DEPTH_FACTOR,
+    min_ratio: float = MIN_SOURCE_RATIO,
+) -> tuple[np.ndarray, int]:
     """Returns ``(allowed, band_px)``: the ``(H, W)`` bool mask of pixels the fill may copy
     from, and the width of the band around the hole they lie in.
 
@@ -310,14 +329,14 @@ def source_mask(image: np.ndarray, hole: np.ndarray) -> tuple[np.ndarray, int]:
     one the hole's border has (``COLOUR_BIN``): a face beside a plain backdrop is never
     copied into the backdrop. And they must be joined to the border through such pixels: the
     same colour beyond a strong edge is another region. The band doubles until it holds
-    ``MIN_SOURCE_RATIO`` allowed pixels per hole pixel; where even the whole image does not,
+    ``min_ratio`` allowed pixels per hole pixel; where even the whole image does not,
     the colour rules are dropped rather than leave too little to copy from. Distances are
     chessboard distances.
     """
     known = ~hole
     depth = _depth(hole)
-    needed = MIN_SOURCE_RATIO * np.count_nonzero(hole)
-    band_px = max(BAND_MIN_PX, int(np.ceil(BAND_DEPTH_FACTOR * depth)))
+    needed = min_ratio * np.count_nonzero(hole)
+    band_px = max(BAND_MIN_PX, int(np.ceil(depth_factor * depth)))
     longest = max(hole.shape)
     while True:
         box = context_box(hole, band_px + int(BORDER_RING_PX[1]))
@@ -499,6 +518,7 @@ class ClassicEngine:
             EngineError: ``empty_selection`` when the selection is all zero.
         """
         hole = np.asarray(job.selection) > 0
+        outward = str(job.options.get("mode") or "") == "expand"
         if not hole.any():
             raise EngineError(ErrorCode.EMPTY_SELECTION, "the selection is empty: there is nothing to fill")
         seeds = list(job.seeds)
@@ -508,7 +528,7 @@ class ClassicEngine:
             def report(step: int, total: int, preview: np.ndarray | None, index: int = index) -> None:
                 on_step(index * total + step, len(seeds) * total, preview)
 
-            results.append(content_aware_fill(job.image, hole, seed=seed, on_step=report))
+            results.append(content_aware_fill(job.image, hole, seed=seed, on_step=report, outward=outward))
         return results
 
 
