@@ -58,6 +58,10 @@ class EngineSet:
     def resolve(self, request: FillRequest) -> str:
         """The engine name a request runs on. Raises ``RequestError`` if it cannot run."""
         name = request.engine
+        # --- issue 15: removal prefers learned removal where it is installed. ---
+        if name is None and request.model is None and request.mode is Mode.REMOVE and "lama" in self.specs:
+            name = "lama"
+        # --- end issue 15 ---
         if name is None and request.model is not None:
             wanted = {control.type for control in request.control}
             serving = [spec for spec in self.specs.values() if any(m.name == request.model for m in spec.models)]
@@ -184,6 +188,18 @@ def default_engines(
     spec = _controlnet_spec(registry, offload)
     if spec is not None:
         specs[spec.name] = spec
+    # --- issue 15: learned removal when a LaMa weights file lies in a models folder. ---
+    from .lama import LamaEngine, find_weights
+
+    lama_weights = find_weights(list(model_dirs))
+    if lama_weights is not None:
+        specs["lama"] = EngineSpec(
+            name="lama",
+            factory=lambda device, model: LamaEngine(lama_weights, device=device),
+            modes=(Mode.REMOVE, Mode.FILL),
+            description=f"LaMa learned object removal ({lama_weights.name}); no prompt",
+        )
+    # --- end issue 15 ---
     name = default_engine or "classic"
     if name not in specs:
         raise ValueError(f"default engine {name!r} is not available; this installation has: {', '.join(specs)}")
