@@ -6,9 +6,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from genfill_server.engines.base import Engine, EngineError, EngineJob, JobCancelledError
-from genfill_server.engines.classic import ClassicEngine, _harmonic_fill, _regions, content_aware_fill, source_mask
+from genfill_server.engines.base import (
+    Engine,
+    EngineError,
+    EngineJob,
+    JobCancelledError,
+)
+from genfill_server.engines.classic import (
+    ClassicEngine,
+    _harmonic_fill,
+    _regions,
+    content_aware_fill,
+    source_mask,
+)
 
 
 def grow_square(mask: np.ndarray, radius: int) -> np.ndarray:

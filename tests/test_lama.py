@@ -8,8 +8,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from genfill_server.engines.base import Engine, EngineError, EngineJob  # noqa: E402
-from genfill_server.engines.lama import (  # noqa: E402
+from genfill_server.engines.base import Engine, EngineError, EngineJob
+from genfill_server.engines.lama import (
     LamaConfig,
     LamaEngine,
     build_generator,

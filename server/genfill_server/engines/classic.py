@@ -1,43 +1,44 @@
 """The classic engine: content-aware fill from the image itself, needing no model weights.
 
 The fill is PatchMatch completion (Barnes et al., "PatchMatch", SIGGRAPH 2009; Wexler,
-Shechtman and Irani, "Space-Time Completion of Video", PAMI 2007) whose low frequencies are
-replaced by a membrane's, in four stages:
+Shechtman and Irani, "Space-Time Completion of Video", PAMI 2007), restricted in where it
+may copy from and split by the structure that crosses the hole, in five stages. Issue 15
+and ``benchmarks/removal.py`` (22 object removals on real photos, with a contact sheet) say
+why each is there: PatchMatch over the whole image pasted the astronaut's face into the
+backdrop behind her, and a smooth low band under copied texture smeared a saucer.
 
-1. *Context*: only a box around the hole takes part, the hole's bounding box grown by half its
-   longer side. Nearby sources are the relevant ones; on the benchmark in
-   ``benchmarks/classic_quality.py`` the crop raises PSNR and texture kept over a search of
-   the whole image, and it makes small holes in large images cheap.
-2. *Completion at working scale*: the context is halved until it has at most
-   ``WORK_PIXELS`` pixels, and PyPatchMatch fills the hole there. Its multi-scale
-   expectation-maximisation continues regular textures (bricks, stripes) where the
-   vectorised numpy completion we measured against it smeared them. At half scale its
-   ``7 x 7`` patches see twice as far, which scored higher PSNR than full scale, in half the
-   time.
-3. *Refinement*: for contexts larger than the working scale, a nearest-neighbour field (NNF)
+1. *Sampling area* (``source_mask``): the sources lie in a band around the hole, as
+   Content-Aware Fill's "auto" sampling area does, widened only when it holds too little;
+   only pixels whose local colour the hole's border has, joined to the border, may be
+   copied. The context box is the hole's bounding box grown by that band.
+2. *Structure* (``_regions``): where the border's colours fall into distinct regions that
+   meet at edges (a backdrop and a pedestal, a saucer and a table), each region is
+   continued into the hole by the membrane of its indicator, so an edge entering on one
+   side leaves on the other along a smooth curve; each region is filled from its own
+   sources. Gradients and textures, whose colours spread evenly, stay one region.
+3. *Completion at working scale*: the context is halved until it has at most
+   ``WORK_PIXELS`` pixels, and PyPatchMatch fills each region there. Its multi-scale
+   expectation-maximisation continues regular textures (bricks, stripes).
+4. *Refinement*: for contexts larger than the working scale, a nearest-neighbour field (NNF)
    is searched for the working-scale fill, then scaled up an octave at a time. Intermediate
    octaves are voted from their sources and refined by a local PatchMatch search; the finest
    copies every hole pixel from the full-resolution source its NNF points at, which keeps
-   the sources' detail (texture kept 0.85 on the benchmark, against 0.78 with a search).
-4. *Frequency split*: PSNR is ruled by the low frequencies, where a copied patch is often
-   wrong but a smooth fill from the hole's edge is close; texture lives in the high ones.
-   The fill's low band, a Gaussian of ``LOW_BAND_SIGMA`` pixels, is replaced by that of the
-   membrane (the harmonic fill: Laplace's equation with the edge as boundary). On the
-   benchmark the membrane alone scores 16.7 dB and keeps 0.13 of the texture, the patches
-   15.8 dB and 0.87; a split at 4 px scores 16.2 dB but washes out structure a few tens of
-   pixels across (a brick wall's courses fade to a haze), so the split sits at 12 px:
-   16.05 dB, 0.87, with the courses kept.
+   the sources' detail.
+5. *Low band*: a copied patch carries a gradient (a sky, a lit wall) with steps; the fill's
+   low band, a Gaussian of ``LOW_BAND_SIGMA`` pixels, is replaced by that of the membrane
+   (the harmonic fill: Laplace's equation with the edge as boundary), region by region, so
+   no region's colour is smeared across an edge into the next.
 
 Vocabulary: the *hole* is the set of pixels to replace; *targets* are the centres of patches
 that overlap the hole (the hole grown by the patch radius); *sources* are the centres of
-patches with no hole pixel, the only ones that may be copied.
+patches with no hole pixel, the only ones that may be copied; *allowed* sources are the
+sources the sampling area keeps.
 """
-
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
@@ -46,8 +47,9 @@ from genfill.protocol import ErrorCode
 from .base import EngineError, EngineJob, StepCallback
 
 WORK_PIXELS = 32000
-"""The context is halved until it has at most this many pixels before PyPatchMatch runs: at
-512 px every benchmark context is halved once, and PyPatchMatch takes about 0.3 s."""
+"""The context is halved until it has at most this many pixels before PyPatchMatch runs. On
+the removal set 50 000 cost 0.45 s of CPU a fill and 32 000 0.35 s, seams 1.10 against 1.15;
+20 000 (0.27 s) gave visibly worse seams (1.24)."""
 
 PATCHMATCH_RADIUS = 3
 """PyPatchMatch compares ``7 x 7`` patches; its examples use 3, and 2 and 4 measured worse."""

@@ -116,7 +116,7 @@ def build_generator(config: LamaConfig = LamaConfig()):
                 out_g = self.convl2g(x_l) + self.convg2g(x_g)
             return out_l, out_g
 
-    class FFC_BN_ACT(nn.Module):  # noqa: N801 (the authors' name, which the weights' keys use)
+    class FFCNormAct(nn.Module):
         def __init__(self, in_channels, out_channels, kernel_size, ratio_gin, ratio_gout, stride=1, padding=0, dilation=1):
             super().__init__()
             self.ffc = FFC(in_channels, out_channels, kernel_size, ratio_gin, ratio_gout, stride, padding, dilation)
@@ -133,8 +133,8 @@ def build_generator(config: LamaConfig = LamaConfig()):
     class FFCResnetBlock(nn.Module):
         def __init__(self, channels: int, ratio: float):
             super().__init__()
-            self.conv1 = FFC_BN_ACT(channels, channels, 3, ratio, ratio, padding=1)
-            self.conv2 = FFC_BN_ACT(channels, channels, 3, ratio, ratio, padding=1)
+            self.conv1 = FFCNormAct(channels, channels, 3, ratio, ratio, padding=1)
+            self.conv2 = FFCNormAct(channels, channels, 3, ratio, ratio, padding=1)
 
         def forward(self, x):
             x_l, x_g = x
@@ -148,12 +148,12 @@ def build_generator(config: LamaConfig = LamaConfig()):
 
     c = config
     width = c.base_channels
-    layers: list[nn.Module] = [nn.ReflectionPad2d(3), FFC_BN_ACT(4, width, 7, 0, 0)]
+    layers: list[nn.Module] = [nn.ReflectionPad2d(3), FFCNormAct(4, width, 7, 0, 0)]
     for index in range(c.downsamplings):
         cin = min(c.max_channels, width * 2**index)
         cout = min(c.max_channels, width * 2 ** (index + 1))
         ratio_out = c.global_ratio if index == c.downsamplings - 1 else 0
-        layers.append(FFC_BN_ACT(cin, cout, 3, 0, ratio_out, stride=2, padding=1))
+        layers.append(FFCNormAct(cin, cout, 3, 0, ratio_out, stride=2, padding=1))
     bottleneck = min(c.max_channels, width * 2**c.downsamplings)
     layers += [FFCResnetBlock(bottleneck, c.global_ratio) for _ in range(c.blocks)]
     layers.append(ConcatTupleLayer())
