@@ -496,6 +496,9 @@ class ClassicEngine:
 
     name = "classic"
     native_size: int | None = None
+    needs_colour_match = False
+    """The fill is the image's own pixels: matching its colours to the context changed no
+    pixel on the removal set and cost about 10 ms a fill."""
 
     def load(self) -> None:
         """Checks that PyPatchMatch's native library loaded.
