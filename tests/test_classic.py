@@ -13,6 +13,8 @@ from genfill_server.engines.base import (
     JobCancelledError,
 )
 from genfill_server.engines.classic import (
+    EXPAND_BAND_DEPTH_FACTOR,
+    EXPAND_MIN_SOURCE_RATIO,
     ClassicEngine,
     _harmonic_fill,
     _regions,
@@ -458,11 +460,11 @@ def sky_with_a_balloon() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def test_expand_continues_the_edge_and_leaves_objects_further_in_alone() -> None:
     image, margin, balloon = sky_with_a_balloon()
     inward, _ = source_mask(image, margin)
-    outward, band_px = source_mask(image, margin, 0.5, 0.5)
+    outward, band_px = source_mask(image, margin, EXPAND_BAND_DEPTH_FACTOR, EXPAND_MIN_SOURCE_RATIO)
     # Red is a border colour (the string): deep in the default band the balloon is a source,
-    # in expand's half-deep band it is not.
+    # in expand's shallow band it is not.
     assert (inward & balloon).any()
-    assert not (outward & balloon).any() and band_px == 32
+    assert not (outward & balloon).any() and band_px == 24
 
     engine = ClassicEngine()
     selection = margin.astype(np.uint8) * 255
