@@ -59,7 +59,8 @@ BAND_MIN_PX = 24
 
 BAND_DEPTH_FACTOR = 1.0
 """... and this many times the hole's half-thickness (its deepest pixel's distance to the
-edge): a thick hole needs sources from further out than a thin stroke does."""
+edge): a thick hole needs sources from further out than a thin stroke does. On the removal
+set 1.5 gave seams of 1.23 against 1.17 here, for the same time."""
 
 EXPAND_BAND_DEPTH_FACTOR = 0.25
 """For expand, the band is this many times the new margin's depth: a margin continues the
