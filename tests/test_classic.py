@@ -2,10 +2,39 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
-from genfill_server.engines.base import Engine, EngineError, EngineJob, JobCancelledError
-from genfill_server.engines.classic import ClassicEngine, _harmonic_fill, content_aware_fill
+from genfill_server.engines.base import (
+    Engine,
+    EngineError,
+    EngineJob,
+    JobCancelledError,
+)
+from genfill_server.engines.classic import (
+    EXPAND_BAND_DEPTH_FACTOR,
+    EXPAND_MIN_SOURCE_RATIO,
+    ClassicEngine,
+    _harmonic_fill,
+    _regions,
+    content_aware_fill,
+    source_mask,
+)
+
+
+def grow_square(mask: np.ndarray, radius: int) -> np.ndarray:
+    """``mask`` dilated by a square of side ``2 * radius + 1`` (chessboard distance)."""
+    out = mask.copy()
+    for dy in range(-radius, radius + 1):
+        for dx in range(-radius, radius + 1):
+            shifted = np.zeros_like(mask)
+            h, w = mask.shape
+            shifted[max(dy, 0) : h + min(dy, 0), max(dx, 0) : w + min(dx, 0)] = mask[
+                max(-dy, 0) : h + min(-dy, 0), max(-dx, 0) : w + min(-dx, 0)
+            ]
+            out |= shifted
+    return out
 
 
 def noise_image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -254,3 +283,194 @@ def test_engine_lets_a_cancel_propagate() -> None:
 
     with pytest.raises(JobCancelledError):
         ClassicEngine().run(make_job([0, 1]), cancel)
+
+
+# -- removal: where sources come from, structure, and the set of real photos ---------------------
+
+
+def backdrop_with_a_face(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A mottled grey backdrop, a skin-coloured disc ("face") beside a hole in the backdrop.
+
+    Returns ``(image, hole, face)``, the last two ``(H, W)`` bool."""
+    rng = np.random.default_rng(seed)
+    image = np.clip(rng.normal(150, 10, (128, 160, 3)), 0, 255).astype(np.uint8)
+    y, x = np.mgrid[0:128, 0:160]
+    face = (y - 64) ** 2 + (x - 40) ** 2 < 30**2
+    image[face] = np.clip(rng.normal((210, 150, 120), 12, (int(face.sum()), 3)), 0, 255).astype(np.uint8)
+    hole = (np.abs(y - 64) < 24) & (np.abs(x - 104) < 22)
+    return image, hole, face
+
+
+def skin_share(image: np.ndarray, hole: np.ndarray) -> float:
+    """Share of hole pixels far redder than the grey backdrop: pasted face."""
+    pixels = image[hole].astype(int)
+    return float(((pixels[:, 0] - pixels[:, 2]) > 60).mean())
+
+
+def test_sources_lie_in_a_band_and_never_on_colours_the_border_lacks() -> None:
+    image, hole, face = backdrop_with_a_face()
+    allowed, band_px = source_mask(image, hole)
+    assert not (allowed & hole).any()
+    assert not (allowed & face).any()
+    # Within the band every backdrop pixel may be copied, beyond it none.
+    near = grow_square(hole, band_px) & ~hole & ~grow_square(face, 3)
+    assert allowed[near].mean() > 0.95
+    assert not (allowed & ~grow_square(hole, band_px)).any()
+    assert np.count_nonzero(allowed) >= 2 * np.count_nonzero(hole)
+
+
+def test_a_face_beside_the_hole_is_not_pasted_into_the_backdrop() -> None:
+    image, hole, _ = backdrop_with_a_face()
+    damaged = image.copy()
+    damaged[hole] = 0
+    for seed in range(3):
+        assert skin_share(content_aware_fill(damaged, hole, seed=seed), hole) == 0
+
+
+def test_the_band_widens_when_it_holds_too_little() -> None:
+    # A thick hole in a thin frame: the first band cannot hold twice the hole's pixels.
+    image = noise_image(96, 96)
+    hole = np.zeros((96, 96), bool)
+    hole[8:88, 8:88] = True
+    allowed, band_px = source_mask(image, hole)
+    assert np.array_equal(allowed, ~hole)
+    assert band_px >= 96
+
+
+def test_an_edge_crossing_the_hole_is_continued_straight() -> None:
+    # Grey above, near-black below (a backdrop on a pedestal); the hole straddles the edge.
+    rng = np.random.default_rng(4)
+    image = np.where(
+        (np.arange(128)[:, None, None] < 70),
+        rng.normal(170, 8, (128, 160, 3)),
+        rng.normal(25, 6, (128, 160, 3)),
+    )
+    image = np.clip(image, 0, 255).astype(np.uint8)
+    hole = np.zeros((128, 160), bool)
+    hole[30:100, 50:110] = True
+    damaged = image.copy()
+    damaged[hole] = 0
+    result = content_aware_fill(damaged, hole, seed=0)
+    luma = result.astype(float).mean(axis=-1)
+    for column in range(50, 110, 4):
+        dark_rows = np.flatnonzero(luma[30:100, column] < 100) + 30
+        # Every column of the hole is grey down to the edge and dark below it, give or take
+        # the patches' reach.
+        assert dark_rows.size and abs(dark_rows.min() - 70) <= 3, (column, dark_rows[:5])
+        assert (luma[dark_rows.min() : 100, column] < 100).mean() > 0.95, column
+
+
+def test_the_regions_of_a_border_follow_its_edges_not_its_gradients() -> None:
+    y, x = np.mgrid[0:96, 0:128]
+    ramp = np.stack([40 + x, 60 + 0.5 * y + 0.3 * x, 200 - 0.8 * x], axis=-1).astype(np.uint8)
+    hole = np.zeros((96, 128), bool)
+    hole[30:66, 40:90] = True
+    assert _regions(ramp, hole).count == 1
+    split = ramp.copy()
+    split[50:] = (20, 30, 25)
+    regions = _regions(split, hole)
+    assert regions.count == 2
+    # Inside the hole the regions meet where the edge would run.
+    top, bottom = regions.labels[32, 65], regions.labels[63, 65]
+    assert top != bottom
+    assert (regions.labels[30:47, 42:88] == top).all() and (regions.labels[53:66, 42:88] == bottom).all()
+
+
+def removal_case(name: str) -> tuple[np.ndarray, np.ndarray]:
+    import json
+
+    from PIL import Image, ImageDraw
+
+    folder = Path(__file__).parent / "data" / "removal"
+    data = json.loads((folder / "masks.json").read_text())
+    case = data["cases"][name]
+    image = np.asarray(Image.open(folder / f"{case['photo']}.jpg").convert("RGB"))
+    canvas = Image.new("L", (image.shape[1], image.shape[0]), 0)
+    draw = ImageDraw.Draw(canvas)
+    for cx, cy, rx, ry in case.get("ellipse", []):
+        draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=255)
+    for points in case.get("polygon", []):
+        draw.polygon([tuple(p) for p in points], fill=255)
+    hole = grow_square(np.asarray(canvas) > 0, data["margin_px"] - 1)
+    return image, hole
+
+
+def test_removing_the_shuttle_pastes_no_face_into_the_backdrop() -> None:
+    """The issue's first report (astronaut photo): PatchMatch over the whole image pastes
+    the astronaut's face and hair into the grey backdrop where the shuttle model was."""
+    import patchmatch
+
+    image, hole = removal_case("astronaut_shuttle")
+    damaged = image.copy()
+    damaged[hole] = 0
+    # Above the pedestal: the mask's foot touches the orange suit, which may continue there.
+    backdrop = hole.copy()
+    backdrop[230:] = False
+    for seed in range(2):
+        ours = content_aware_fill(damaged, hole, seed=seed)
+        assert skin_share(ours, backdrop) == 0, (seed, skin_share(ours, backdrop))
+        # The measure has teeth: unrestricted PatchMatch fails it on this photo.
+        patchmatch.set_random_seed(seed)
+        plain = patchmatch.inpaint(damaged, hole.astype(np.uint8), patch_size=3)
+        assert skin_share(plain, backdrop) > 0.01, (seed, skin_share(plain, backdrop))
+
+
+@pytest.mark.parametrize(
+    ("mode", "blend_px", "least_alpha", "soft_alpha"),
+    [
+        ("remove", None, 255, 100),  # removal pastes a hard selection hard: no ring of the object
+        ("fill", None, 208, 100),  # the default ramp (4 px here) starts at the floor: at most 25% kept
+        ("fill", 4, 64, 64),  # a ramp the request asked for is the full ramp
+    ],
+)
+def test_a_hard_selection_keeps_at_most_a_quarter_of_the_original(mode, blend_px, least_alpha, soft_alpha) -> None:
+    from genfill.protocol import FillRequest
+    from genfill_server.pipeline import run_fill
+
+    wall = np.tile(brick_wall(64), (8, 8, 1))
+    canvas = np.dstack([wall, np.full(wall.shape[:2], 255, np.uint8)])
+    selection = np.zeros(wall.shape[:2], np.uint8)
+    selection[150:350, 100:400] = 255
+    selection[149, 100:400] = 100  # a soft edge blends as its alpha says (or less, in a ramp)
+    request = FillRequest(image="a" * 64, mask="b" * 64, prompt="", mode=mode, blend_px=blend_px)
+    result = run_fill(ClassicEngine(), request, canvas, selection, [0], lambda *args: None)
+    alpha = np.zeros(selection.shape, np.uint8)
+    alpha[result.box.slices] = result.layers[0][..., 3]
+    assert alpha[selection == 255].min() == least_alpha
+    assert (alpha[selection == 0] == 0).all()
+    assert (alpha[149, 101:399] == soft_alpha).all()
+
+
+def sky_with_a_balloon() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A mottled sky 128 x 160, a red kite string along its right edge (rows 56-65), and a
+    red balloon 40 px in from that edge; then a 64 px margin to the right to expand into.
+
+    Returns ``(image, margin, balloon)`` on the grown canvas."""
+    rng = np.random.default_rng(2)
+    image = np.clip(rng.normal((120, 160, 210), 6, (128, 224, 3)), 0, 255).astype(np.uint8)
+    y, x = np.mgrid[0:128, 0:224]
+    balloon = (y - 30) ** 2 + (x - 110) ** 2 < 12**2
+    image[balloon] = (220, 30, 40)
+    image[56:66, 120:160] = (220, 30, 40)
+    margin = x >= 160
+    image[margin] = 0
+    return image, margin, balloon
+
+
+def test_expand_continues_the_edge_and_leaves_objects_further_in_alone() -> None:
+    image, margin, balloon = sky_with_a_balloon()
+    inward, _ = source_mask(image, margin)
+    outward, band_px = source_mask(image, margin, EXPAND_BAND_DEPTH_FACTOR, EXPAND_MIN_SOURCE_RATIO)
+    # Red is a border colour (the string): deep in the default band the balloon is a source,
+    # in expand's shallow band it is not.
+    assert (inward & balloon).any()
+    assert not (outward & balloon).any() and band_px == 24
+
+    engine = ClassicEngine()
+    selection = margin.astype(np.uint8) * 255
+    job = EngineJob(image=image, selection=selection, denoise_mask=selection, seeds=[0, 1], options={"mode": "expand"})
+    for result in engine.run(job, lambda *args: None):
+        red = (result[..., 0].astype(int) - result[..., 2]) > 100
+        # The string may continue outward; no red anywhere else in the margin.
+        rows = np.flatnonzero((red & margin).any(axis=1))
+        assert rows.size == 0 or (rows.min() >= 46 and rows.max() <= 75), rows

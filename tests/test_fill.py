@@ -452,6 +452,30 @@ def test_compositing_mask(selection, blend_px, expected):
     np.testing.assert_array_equal(fill.compositing_mask(selection, blend_px=blend_px), expected)
 
 
+FLOORED_CASES = {
+    # The border pixel of a hard selection starts at the floor: at most 25% of the original.
+    "hard edge starts at the floor": (grid("####. " * 5), 2, 192, u8([[255, 255, 255, 224, 0]] * 5)),
+    "floor 0 is the plain ramp": (grid("####. " * 5), 2, 0, u8([[255, 255, 255, 128, 0]] * 5)),
+    # A soft selection is its own alpha: the floor never lifts it.
+    "soft edge keeps its alpha": (u8([[0, 200, 255, 255, 255, 200, 0]]), 2, 192, u8([[0, 200, 255, 255, 255, 200, 0]])),
+    "floor outside is still 0": (grid("... .#. ..."), 4, 255, grid("... .#. ...")),
+    "wide ramp": (grid("." + "#" * 9 + "."), 4, 192, u8([[0, 208, 224, 239, 255, 255, 255, 239, 224, 208, 0]])),
+}
+
+
+@pytest.mark.parametrize(
+    ("selection", "blend_px", "floor", "expected"), FLOORED_CASES.values(), ids=FLOORED_CASES.keys()
+)
+def test_compositing_mask_with_a_floor(selection, blend_px, floor, expected):
+    np.testing.assert_array_equal(fill.compositing_mask(selection, blend_px=blend_px, floor=floor), expected)
+
+
+@pytest.mark.parametrize("floor", [-1, 256, 1.5])
+def test_compositing_mask_rejects_a_bad_floor(floor):
+    with pytest.raises(ValueError, match="floor"):
+        fill.compositing_mask(grid("#"), blend_px=1, floor=floor)
+
+
 @pytest.mark.parametrize("function", [fill.denoise_mask, fill.compositing_mask])
 def test_masks_reject_bad_values(function):
     options = {"grow_px": 1, "feather_px": 1} if function is fill.denoise_mask else {"blend_px": 1}
@@ -492,6 +516,12 @@ def test_masks_bracket_the_selection(selection_spec, grow_px, feather_px, blend_
     # At least blend_px pixels deep (canvas edge not counting), the selection is kept as is.
     core = fill.shrink((selection > 0).astype(np.uint8) * 255, max(blend_px - 1, 0)) == 255
     np.testing.assert_array_equal(alpha[core], selection[core])
+    # With a floor, every selected pixel keeps at most (255 - floor) / 255 of the original,
+    # and a soft one no less than its own alpha says.
+    floored = fill.compositing_mask(selection, blend_px=blend_px, floor=192)
+    assert (floored <= selection).all()
+    assert (floored >= np.minimum(selection, 192)).all()
+    assert (floored >= alpha).all()
 
 
 def test_every_isolated_pixel_is_fully_replaced():

@@ -546,14 +546,19 @@ def denoise_mask(selection: np.ndarray, *, grow_px: int, feather_px: int) -> np.
     return out
 
 
-def compositing_mask(selection: np.ndarray, *, blend_px: int) -> np.ndarray:
+def compositing_mask(selection: np.ndarray, *, blend_px: int, floor: int = 0) -> np.ndarray:
     """Returns the alpha the engine's result is pasted with.
 
     Inside the selection the alpha ramps linearly from its border to 255 over ``blend_px``
-    pixels (a pixel ``k`` pixels deep, 1 on the border, gets ``255 k / blend_px``), so the
-    pasted result fades into the original only where the user allowed change; outside it is
-    0, so unselected pixels are never changed. The canvas border is not a selection border:
-    no ramp runs along it.
+    pixels (a pixel ``k`` pixels deep, 1 on the border, gets
+    ``floor + (255 - floor) k / blend_px``), so the pasted result fades into the original
+    only where the user allowed change; outside it is 0, so unselected pixels are never
+    changed. The canvas border is not a selection border: no ramp runs along it.
+
+    ``floor`` bounds how much of the original a hard selection's pixels keep. A ramp from 0
+    keeps 75% of the original colour in the border pixel at ``blend_px=4``: a removed
+    object's outline stays visible as a ring (issue 15). A floor of 192 keeps at most 25%
+    anywhere inside, while still softening the seam.
 
     The ramp shrinks to fit where a part of the selection is thinner than ``2 blend_px``: its
     innermost pixels still reach 255, so a 1-pixel dot or a 2-pixel line is replaced fully.
@@ -563,16 +568,21 @@ def compositing_mask(selection: np.ndarray, *, blend_px: int) -> np.ndarray:
     Args:
         selection: ``(H, W)`` uint8, 0..255; soft values are kept as an upper bound.
         blend_px: the ramp's width in pixels, >= 0; 0 returns a copy of ``selection``.
+        floor: the alpha the ramp starts from, 0..255; 0 ramps from nothing.
 
     Returns:
         A new ``(H, W)`` uint8 array, <= ``selection`` everywhere, and equal to it at pixels at
         least ``blend_px`` pixels inside the selection (255 in a hard selection's core).
 
     Raises:
-        ValueError: ``selection`` is not ``(H, W)`` uint8, or ``blend_px`` is not an int >= 0.
+        ValueError: ``selection`` is not ``(H, W)`` uint8, ``blend_px`` is not an int >= 0,
+            or ``floor`` is not an int in 0..255.
     """
     selection = _check_mask("selection", selection)
     blend_px = _check_non_negative_int("blend_px", blend_px)
+    floor = _check_non_negative_int("floor", floor)
+    if floor > 255:
+        raise ValueError(f"floor must be at most 255, got {floor}")
     if blend_px == 0 or not selection.any():
         return selection.copy()
 
@@ -589,7 +599,7 @@ def compositing_mask(selection: np.ndarray, *, blend_px: int) -> np.ndarray:
     reachable_depth = _deepest_nearby(depth, inside, blend_px - 1)
     ramp_width = np.minimum(reachable_depth, blend_px).astype(np.int32)
     ramp_width[~inside] = 1
-    ramp = (255 * depth.astype(np.int32) + ramp_width // 2) // ramp_width
+    ramp = floor + ((255 - floor) * depth.astype(np.int32) + ramp_width // 2) // ramp_width
     ramp = np.minimum(ramp, 255).astype(np.uint8)
 
     result = np.zeros_like(selection)

@@ -37,6 +37,10 @@ class MaskDefaults:
     grow_px: int
     feather_px: int
     blend_px: int
+    blend_floor: int
+    """Least alpha inside a hard selection when the request leaves ``blend_px`` unset: the
+    original keeps at most 25% there, so no ring of the removed object shows (issue 15). A
+    request that sets ``blend_px`` asked for blending and gets the full ramp."""
 
 
 def mask_defaults(context: Size) -> MaskDefaults:
@@ -46,6 +50,7 @@ def mask_defaults(context: Size) -> MaskDefaults:
         grow_px=max(2, side // 64),
         feather_px=max(2, side // 64),
         blend_px=max(1, side // 128),
+        blend_floor=192,
     )
 
 
@@ -114,8 +119,10 @@ _SPLIT_PIXELS = 1 << 15
 cost more than it saves."""
 
 
-def _early(needs_colour_match: bool, local_selection: np.ndarray, blend_px: int, job: EngineJob) -> _Early:
-    alpha = fill.compositing_mask(local_selection, blend_px=blend_px)
+def _early(
+    needs_colour_match: bool, local_selection: np.ndarray, blend_px: int, job: EngineJob, blend_floor: int = 0
+) -> _Early:
+    alpha = fill.compositing_mask(local_selection, blend_px=blend_px, floor=blend_floor)
     work_known = job.selection == 0
     try:
         changed = fill.mask_box(alpha)
@@ -217,6 +224,9 @@ def prepare_fill(
     # A grown canvas's new area is transparent: a soft edge there would leave a half-transparent
     # seam, and the old pixels stay as they are anyway.
     blend_px = 0 if request.mode is Mode.EXPAND else (defaults.blend_px if request.blend_px is None else request.blend_px)
+    # Removal pastes a hard selection hard: any share of the original left in it shows the
+    # removed object's outline (issue 15), and a fill copied from the image has no seam to hide.
+    blend_floor = 0 if request.blend_px is not None else (255 if request.mode is Mode.REMOVE else defaults.blend_floor)
 
     rgb = np.ascontiguousarray(fill.crop(canvas, context)[:, :, :3])
     local_selection = fill.crop(selection, context)
@@ -254,7 +264,9 @@ def prepare_fill(
         options=options,
         prefilled=prefilled,
     )
-    early = _HELPERS.submit(_early, capabilities.needs_colour_match, local_selection, blend_px, job)
+    early = _HELPERS.submit(
+        _early, capabilities.needs_colour_match, local_selection, blend_px, job, blend_floor
+    )
     return PreparedFill(job, context, work_size, rgb, local_selection, blend_px, early)
 
 

@@ -102,6 +102,9 @@ class EngineSet:
     def resolve(self, request: FillRequest) -> str:
         """The engine name a request runs on. Raises ``RequestError`` if it cannot run."""
         name = request.engine
+        # Removal prefers learned removal where its weights are installed.
+        if name is None and request.model is None and request.mode is Mode.REMOVE and "lama" in self.specs:
+            name = "lama"
         if name is None and request.model is not None:
             wanted = {control.type for control in request.control} | {
                 r.control_type for r in request.references if r.control_type is not None
@@ -191,6 +194,7 @@ BUILTIN_PROVIDERS = {
     "classic": "genfill_server.engines.providers:classic",
     "diffusion": "genfill_server.engines.providers:diffusion",
     "controlnet": "genfill_server.engines.providers:controlnet",
+    "lama": "genfill_server.engines.providers:lama",
     "openai": "genfill_server.engines.remote.openai:provide",
     "bfl": "genfill_server.engines.remote.bfl:provide",
     "imagen": "genfill_server.engines.remote.imagen:provide",

@@ -39,6 +39,20 @@ def classic(context: ProviderContext) -> Iterator[EngineSpec]:
     )
 
 
+def lama(context: ProviderContext) -> Iterator[EngineSpec]:
+    """Learned removal, where a LaMa weights file lies in a models folder."""
+    from .lama import LamaEngine, find_weights
+
+    weights = find_weights(list(context.registry.model_dirs))
+    if weights is not None:
+        yield EngineSpec(
+            name="lama",
+            factory=lambda device, model: LamaEngine(weights, device=device),
+            capabilities=LamaEngine.capabilities,
+            description=f"LaMa learned object removal ({weights.name}); no prompt",
+        )
+
+
 @dataclass(frozen=True)
 class _Family:
     """A diffusion engine and the architectures it runs."""
