@@ -10,6 +10,7 @@ from genfill_server.engines.base import (
     Engine,
     EngineError,
     EngineJob,
+    EngineOptions,
     JobCancelledError,
 )
 from genfill_server.engines.classic import (
@@ -468,7 +469,7 @@ def test_expand_continues_the_edge_and_leaves_objects_further_in_alone() -> None
 
     engine = ClassicEngine()
     selection = margin.astype(np.uint8) * 255
-    job = EngineJob(image=image, selection=selection, denoise_mask=selection, seeds=[0, 1], options={"mode": "expand"})
+    job = EngineJob(image=image, selection=selection, denoise_mask=selection, seeds=[0, 1], options=EngineOptions.of(mode="expand"))
     for result in engine.run(job, lambda *args: None):
         red = (result[..., 0].astype(int) - result[..., 2]) > 100
         # The string may continue outward; no red anywhere else in the margin.

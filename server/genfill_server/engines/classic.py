@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import numpy as np
-from genfill.protocol import ErrorCode
+from genfill.protocol import ErrorCode, Mode
 
 from .base import DeviceKind, EngineCapabilities, EngineDefaults, EngineError, EngineJob, StepCallback
 
@@ -529,7 +529,7 @@ class ClassicEngine:
             EngineError: ``empty_selection`` when the selection is all zero.
         """
         hole = np.asarray(job.selection) > 0
-        outward = str(job.options.get("mode") or "") == "expand"
+        outward = job.options.mode is Mode.EXPAND
         if not hole.any():
             raise EngineError(ErrorCode.EMPTY_SELECTION, "the selection is empty: there is nothing to fill")
         seeds = list(job.seeds)
