@@ -129,6 +129,15 @@ def test_capabilities_check_names_what_it_refuses():
         assert caught.value.code is code and word in caught.value.message
 
 
+def test_an_engine_without_seeds_warns_that_its_seeds_do_not_reproduce():
+    image = "0" * 64
+    request = FillRequest(image=image, prompt="a boat", seed=3)
+    assert EngineCapabilities(prompt=True).check("e", request) == []
+    (warning,) = EngineCapabilities(prompt=True, reproducible=False).check("e", request)
+    assert warning.code == "seed_not_reproducible" and "seed" in warning.message
+    assert EngineCapabilities(reproducible=False).wire().reproducible is False
+
+
 def test_capabilities_refuse_options_that_do_not_exist():
     with pytest.raises(ValueError, match="unknown options"):
         EngineCapabilities(options=frozenset({"stepz"}))

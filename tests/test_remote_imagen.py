@@ -117,6 +117,11 @@ def test_a_seed_is_sent_only_without_the_watermark(fake):
     assert fake.requests[0].json()["instances"][0]["referenceImages"][1]["maskImageConfig"]["dilation"] == 0.05
 
 
+def test_only_an_engine_without_the_watermark_is_reproducible(fake):
+    assert engine_for(fake).capabilities.reproducible is False
+    assert engine_for(fake, add_watermark=False).capabilities.reproducible is True
+
+
 def test_settings_need_a_project():
     with pytest.raises(ValueError, match="project"):
         imagen.settings_from({}, environ={"GOOGLE_ACCESS_TOKEN": TOKEN})

@@ -352,6 +352,8 @@ def test_fill_through_the_sdk_is_bit_identical_outside_the_selection(server, fak
         # Inside, the provider's paint (colour matched to the context) shows.
         assert not np.array_equal(composite[selection == 255], canvas[selection == 255])
     assert all(r.path == "/v1/images/edits" for r in fake.requests)
+    # The API takes no seed: the result says its recorded seeds cannot bring it back.
+    assert "seed_not_reproducible" in [warning.code for warning in result.warnings]
 
 
 def test_expand_through_the_sdk(server, fake, any_client):

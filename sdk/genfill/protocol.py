@@ -367,6 +367,7 @@ class EngineCapabilities(_ServerMessage):
         max_variations: the most variations one job may ask of it.
         native_size: the side of its native resolution in pixels; ``None``: any size.
         device_kind: ``gpu``, ``cpu`` or ``remote``.
+        reproducible: the same request and seed give the same pixels again.
     """
 
     modes: _KnownModes
@@ -378,6 +379,7 @@ class EngineCapabilities(_ServerMessage):
     max_variations: int = 8
     native_size: int | None = None
     device_kind: str = "cpu"
+    reproducible: bool = True
 
 
 class EngineInfo(_ServerMessage):

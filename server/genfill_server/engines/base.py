@@ -90,6 +90,8 @@ class EngineCapabilities:
         max_batch_images: the most images one ``run_many`` batch holds.
         uses_prefill: the pipeline starts ``prefill.prefill`` for it while making the masks.
         needs_colour_match: its images are colour matched to the context before compositing.
+        reproducible: the same request and seed give the same pixels again. A provider that
+            takes no seed is not; its results carry a ``seed_not_reproducible`` warning.
     """
 
     modes: frozenset[Mode] = frozenset(Mode)
@@ -105,6 +107,7 @@ class EngineCapabilities:
     max_batch_images: int = 8
     uses_prefill: bool = False
     needs_colour_match: bool = True
+    reproducible: bool = True
 
     def __post_init__(self) -> None:
         unknown = set(self.options) - set(GATED_OPTIONS)
@@ -127,6 +130,7 @@ class EngineCapabilities:
             max_variations=self.max_variations,
             native_size=self.native_size,
             device_kind=str(self.device_kind),
+            reproducible=self.reproducible,
         )
 
     def check(self, engine: str, request: FillRequest) -> list[protocol.ResultWarning]:
@@ -182,6 +186,13 @@ class EngineCapabilities:
                     code="prompt_ignored",
                     message=f"the {engine} engine fills from the image alone and ignored the prompt; "
                     "pick a diffusion engine to use it",
+                )
+            )
+        if not self.reproducible:
+            warnings.append(
+                protocol.ResultWarning(
+                    code="seed_not_reproducible",
+                    message=f"the {engine} engine takes no seed: the recorded seeds will not give these images again",
                 )
             )
         return warnings

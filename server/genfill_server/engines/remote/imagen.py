@@ -117,11 +117,18 @@ def provide(context: ProviderContext) -> Iterator[EngineSpec]:
     yield EngineSpec(
         name=NAME,
         factory=lambda device, model: ImagenEngine(settings, limit, model),
-        capabilities=CAPABILITIES.refined(native_size=settings.native_size),
+        capabilities=_capabilities(settings),
         description=f"Google Imagen edit on Vertex AI: the context crop is sent to {settings.host}",
         models=tuple(model_info(settings, NAME, model, "imagen") for model in settings.models),
         # Jobs past the limit wait in the provider\'s own lane, holding up no other engine.
         lane_workers=settings.max_concurrent,
+    )
+
+
+def _capabilities(settings: RemoteSettings) -> EngineCapabilities:
+    # Imagen takes a seed only with its watermark off (see the module docstring).
+    return CAPABILITIES.refined(
+        native_size=settings.native_size, reproducible=not settings.options["add_watermark"]
     )
 
 
@@ -133,7 +140,7 @@ class ImagenEngine:
     def __init__(self, settings: RemoteSettings, limit: threading.Semaphore, model: str | None = None) -> None:
         self.settings = settings
         self.model = model or settings.models[0]
-        self.capabilities = CAPABILITIES.refined(native_size=settings.native_size)
+        self.capabilities = _capabilities(settings)
         self._limit = limit
         self._credentials = None
         self._credentials_lock = threading.Lock()

@@ -81,6 +81,8 @@ CAPABILITIES = EngineCapabilities(
     max_variations=10,
     native_size=1024,
     device_kind=DeviceKind.REMOTE,
+    # The images API takes no seed.
+    reproducible=False,
 )
 
 
