@@ -228,3 +228,24 @@ def test_cancel_ends_the_job_on_the_server(server, workdir):
         started = time.monotonic()
         client.fill(_photo(), _mask(), variations=1)
         assert time.monotonic() - started < 5
+
+
+def test_menu_entries_are_registered_in_the_running_gimp(workdir):
+    """Filters > Generative > Fill... / Expand... as GIMP itself registered them (its PDB)."""
+    out = workdir.inside / "menus.json"
+    code = (
+        "import json; from gi.repository import Gimp; pdb = Gimp.get_pdb(); "
+        f"json.dump({{n: [list(pdb.lookup_procedure(n).get_menu_paths()), pdb.lookup_procedure(n).get_menu_label()] "
+        f"for n in ('python-fu-genfill-fill', 'python-fu-genfill-expand')}}, open('{out}', 'w'))"
+    )
+    result = _gimp(workdir, workdir.host / "home", code)
+    host = workdir.host / "menus.json"
+    assert host.exists(), f"GIMP wrote no menus (rc {result.returncode}):\n{result.stderr[-3000:]}"
+    menus = json.loads(host.read_text())
+    assert menus == {
+        "python-fu-genfill-fill": [["<Image>/Filters/Generative"], "_Fill..."],
+        "python-fu-genfill-expand": [["<Image>/Filters/Generative"], "_Expand..."],
+    }
+    assert "menu_label != NULL" not in result.stderr
+    pluginrc = (workdir.host / "home/.config/GIMP/3.0/pluginrc").read_bytes()  # holds icon PNGs
+    assert pluginrc.count(b'"<Image>/Filters/Generative"') == 2, "pluginrc records no menu path"

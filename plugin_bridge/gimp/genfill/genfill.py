@@ -195,7 +195,6 @@ class GenfillPlugIn(Gimp.PlugIn):
         procedure.set_image_types("RGB*, GRAY*")
         procedure.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.DRAWABLE)
         procedure.set_attribution("genfill", "genfill", "2025")
-        procedure.add_menu_path("<Image>/Filters/Generative")
         flags = GObject.ParamFlags.READWRITE
         if name == FILL:
             procedure.set_menu_label("_Fill...")
@@ -212,6 +211,8 @@ class GenfillPlugIn(Gimp.PlugIn):
                 "Grows the canvas by the margins and adds each variation the server returns as a layer.",
                 name,
             )
+        # After the label: GIMP refuses a menu path for a procedure that has no label yet.
+        procedure.add_menu_path("<Image>/Filters/Generative")
         procedure.add_string_argument("prompt", "_Prompt", "What to paint; empty continues the surroundings", "", flags)
         procedure.add_string_argument("negative-prompt", "_Negative prompt", "What not to paint", "", flags)
         if name == FILL:
