@@ -194,8 +194,8 @@ def test_zip_imports_through_kritas_importer(tmp_path, template_home):
     assert (resources / "pykrita/genfill_krita/genfill_bridge/_vendor/websockets/LICENSE").is_file()
 
 
-@pytest.fixture
-def xvfb(tmp_path):
+@pytest.fixture(scope="module")
+def xvfb():
     read, write = os.pipe()
     process = subprocess.Popen(
         ["Xvfb", "-displayfd", str(write), "-screen", "0", "1920x1080x24", "-nolisten", "tcp"],
@@ -210,7 +210,9 @@ def xvfb(tmp_path):
     process.wait(10)
 
 
-def test_full_krita_menu_action_fills_and_undo_removes(server, tmp_path, template_home, xvfb):
+def _full_krita(tmp_path: Path, template_home: Path, display: str, job: dict, env: dict | None = None) -> dict:
+    """Runs full Krita with the plug-in installed as a user gets it and the driver plug-in
+    playing ``job``; returns what the driver wrote."""
     home = harness.copy_home(template_home, tmp_path / "home")
     pykrita = _install(home)
     shutil.copy(EDITORS / "krita_driver/genfill_ci_driver.desktop", pykrita)
@@ -220,12 +222,11 @@ def test_full_krita_menu_action_fills_and_undo_removes(server, tmp_path, templat
     enable_in_kritarc(home / ".config/kritarc", "genfill_ci_driver")
     image = tmp_path / "in.rgba"
     _photo().tofile(image)
-    job = {"url": server.url, "token": server.token, "width": WIDTH, "height": HEIGHT, "image": str(image),
-           "selection": list(SELECTION), "prompt": "a calm sea", "variations": 2, "seed": 9,
+    job = {"width": WIDTH, "height": HEIGHT, "image": str(image), "selection": list(SELECTION),
            "out": str(tmp_path / "out.json"), "export": str(tmp_path / "filled.png"),
-           "export_after_undo": str(tmp_path / "undone.png"), "wait_ms": 120000, "stacks_after_s": 200}
+           "export_after_undo": str(tmp_path / "undone.png"), "wait_ms": 120000, "stacks_after_s": 200, **job}
     (tmp_path / "job.json").write_text(json.dumps(job))
-    env = harness.clean_env(home, DISPLAY=xvfb, GENFILL_CI_JOB=str(tmp_path / "job.json"))
+    env = harness.clean_env(home, DISPLAY=display, GENFILL_CI_JOB=str(tmp_path / "job.json"), **(env or {}))
     out_path = tmp_path / "out.json"
     partial = Path(str(out_path) + ".partial")
     # Krita 5.1 under Xvfb now and then exits during start-up, before any plug-in code runs
@@ -242,6 +243,36 @@ def test_full_krita_menu_action_fills_and_undo_removes(server, tmp_path, templat
     out = json.loads(out_path.read_text())
     assert "exception" not in out, out["exception"]
     assert "slot_exceptions" not in out, out["slot_exceptions"][0]
+    out["_job"] = job
+    return out
+
+
+LONG_STATUS = ("The genfill server could not fill: this is a long status line that wraps over several lines "
+               "of the docker, the way a real warning or error does, and must not squeeze anything else.")
+
+
+@pytest.fixture(scope="module")
+def painter_session(server, template_home, xvfb, tmp_path_factory):
+    """One full-Krita session as a painter has it: the server found through its state file,
+    two Fills in a row from the menu action (the second with the group the first left
+    active), screenshots and widget sizes of the docker in a 1000 px high window."""
+    from genfill.state import ServerState, write_state
+
+    tmp_path = tmp_path_factory.mktemp("krita-painter")
+    screenshots = tmp_path_factory.mktemp("krita-screenshots")
+    state = write_state(ServerState(url=server.url, token=server.token, pid=os.getpid(), version="test"),
+                        tmp_path / "server.json")
+    job = {"fills": [{"prompt": "a calm sea", "variations": 2, "seed": 9}, {"prompt": "rocks", "variations": 1, "seed": 3}],
+           "wait_catalogue_ms": 15000, "window_size": [1280, 1000], "screenshots": str(screenshots),
+           "measure": {"status": LONG_STATUS}, "undo": 1}
+    out = _full_krita(tmp_path, template_home, xvfb, job, env={"GENFILL_STATE_FILE": str(state)})
+    print(f"screenshots in {screenshots}")
+    return out
+
+
+def test_full_krita_menu_action_fills_and_undo_removes(painter_session):
+    out = painter_session
+    job = out["_job"]
     assert out["docker_found"] and out["action_found"]
     assert out["ok"] is True, out["text"]
     assert out["groups_after_fill"] == [
@@ -251,5 +282,42 @@ def test_full_krita_menu_action_fills_and_undo_removes(server, tmp_path, templat
     filled = np.asarray(Image.open(job["export"]).convert("RGBA"))
     assert np.array_equal(filled[mask == 0], canvas[mask == 0])
     assert not np.array_equal(filled[mask > 0], canvas[mask > 0])
-    assert out["groups_after_undo"] == [], "undo did not remove the fill"
-    assert np.array_equal(np.asarray(Image.open(job["export_after_undo"]).convert("RGBA")), canvas)
+    # One undo takes the last fill away, all of it, and leaves the first one as it was.
+    assert out["undo_texts"] == ["Undo Add Layer"]
+    assert out["groups_after_undo"] == out["groups_after_fill"]
+    assert np.array_equal(np.asarray(Image.open(job["export_after_undo"]).convert("RGBA")), filled)
+
+
+def test_second_fill_with_the_new_group_active_fills_again(painter_session):
+    first, second = painter_session["fills"]
+    assert first["ok"] is True, first["text"]
+    assert second["active"] == ["a calm sea", "grouplayer"]
+    assert second["ok"] is True, second["text"]
+    assert sorted(group["name"] for group in second["groups"]) == ["a calm sea", "rocks"]
+    [rocks] = [group for group in second["groups"] if group["name"] == "rocks"]
+    assert rocks["children"] == [["rocks - variation 1", True]]
+
+
+def test_docker_lists_the_servers_engines_and_models_without_a_refresh(painter_session, server):
+    with Client(server.url, token=server.token) as client:
+        hello = client.hello
+    available = [engine.name for engine in hello.engines if engine.available]
+    assert available, "the test server offers no engine"
+    for name in available:
+        assert name in painter_session["engines"], painter_session["engines"]
+
+
+def test_docker_widgets_keep_usable_sizes_in_a_1000_px_window(painter_session):
+    widgets = painter_session["widgets"]
+    assert len(widgets) > 20, widgets
+    narrow = [w for w in widgets if w["width"] < 24]
+    assert not narrow, f"widgets narrower than 24 px: {narrow}"
+    squeezed = [w for w in widgets if w["height"] < min(w["min_height"], 16) or w["width"] < min(w["min_width"], 40)]
+    assert not squeezed, f"widgets squeezed below their minimum size: {squeezed}"
+    spins = [w for w in widgets if w["text"].startswith(("L ", "R ", "T ", "B ")) or w["class"] == "QSpinBox"]
+    assert spins and all(w["width"] >= 60 for w in spins), spins
+    assert painter_session["server_group"]["inside"], f"the Server group is clipped: {painter_session['server_group']}"
+    needed, shown = painter_session["content_width"]
+    assert needed <= shown, f"the docker needs {needed} px across and has {shown}: its left or right is cut off"
+    for path in painter_session["screenshots"]:
+        assert Image.open(path).size[0] > 100

@@ -136,6 +136,13 @@ def apply(document: Document, prepared: PreparedFill, result: JobResult) -> str:
     return name
 
 
+def result_warnings(result: JobResult) -> list[str]:
+    """What the server says it could not honour (e.g. "this engine ignores the prompt"), as
+    sentences to show next to the result. ``[]`` from a server or client that sends none."""
+    warnings = getattr(result, "warnings", None) or []
+    return [str(getattr(w, "message", None) or (w.get("message") if isinstance(w, dict) else w)) for w in warnings]
+
+
 def group_name(options: FillOptions) -> str:
     """The layer group's name: the prompt, shortened, or the mode when there is none."""
     prompt = " ".join(options.prompt.split())

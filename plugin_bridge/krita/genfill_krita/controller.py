@@ -16,7 +16,7 @@ import threading
 from PyQt5.QtCore import QObject, pyqtSignal
 
 from .adapter import KritaDocument
-from .genfill_bridge import BridgeError, FillOptions, JobCancelled, ServerSettings, apply, prepare, run
+from .genfill_bridge import BridgeError, FillOptions, JobCancelled, ServerSettings, apply, prepare, result_warnings, run
 
 
 class FillController(QObject):
@@ -100,4 +100,5 @@ class FillController(QObject):
         self.last_group = adapter.inserted_group
         count = len(result.variations)
         shown = " Variation 1 is shown; the others are hidden in the group." if count > 1 else ""
-        self.finished.emit(True, f"Added {count} layer(s) in group '{name}' ({result.seconds:.1f} s).{shown}")
+        text = f"Added {count} layer(s) in group '{name}' ({result.seconds:.1f} s).{shown}"
+        self.finished.emit(True, " ".join([*result_warnings(result), text]))
