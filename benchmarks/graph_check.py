@@ -30,7 +30,7 @@ def main() -> int:
     import torch
     from diffusers import StableDiffusionInpaintPipeline, StableDiffusionXLInpaintPipeline
     from genfill import fill
-    from genfill_server.engines.base import EngineJob
+    from genfill_server.engines.base import EngineJob, EngineOptions
     from genfill_server.engines.sd_inpaint import SDInpaintEngine
 
     def ignore(*_):
@@ -48,8 +48,8 @@ def main() -> int:
         def job(seed: int, prompt: str = "a bench in a park") -> EngineJob:
             image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
             return EngineJob(image, selection, fill.denoise_mask(selection, grow_px=8, feather_px=8), [seed],
-                             {"prompt": prompt, "negative_prompt": "blurry", "steps": steps,
-                              "scheduler": "dpmpp_2m_karras"})
+                             EngineOptions.of(prompt=prompt, negative_prompt="blurry", steps=steps,
+                                              scheduler="dpmpp_2m_karras"))
 
         engines = {}
         for graphs in (False, True):

@@ -268,7 +268,7 @@ def engine_costs(out: dict) -> None:
     import torch
     from diffusers import StableDiffusionInpaintPipeline
     from genfill import fill
-    from genfill_server.engines.base import EngineJob
+    from genfill_server.engines.base import EngineJob, EngineOptions
     from genfill_server.engines.sd_inpaint import SDInpaintEngine
     from gpu import build_models
 
@@ -284,8 +284,9 @@ def engine_costs(out: dict) -> None:
     denoise = fill.denoise_mask(selection, grow_px=8, feather_px=8)
     times = {}
     for steps in (20, 2, 20, 2):
-        job = EngineJob(image, selection, denoise, [1], {"prompt": "a bench in a park", "steps": steps, "guidance": 7.5,
-                                                         "scheduler": "dpmpp_2m_karras", "strength": 1.0, "mode": "fill"})
+        job = EngineJob(image, selection, denoise, [1], EngineOptions.of(
+            prompt="a bench in a park", steps=steps, guidance=7.5, scheduler="dpmpp_2m_karras", strength=1.0, mode="fill"
+        ))
         samples = []
         for _ in range(6):
             torch.cuda.synchronize()

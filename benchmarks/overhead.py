@@ -51,13 +51,15 @@ class EchoEngine:
     """Returns its input image once per seed: the cheapest engine, so only overhead is left.
     Colour matching runs as for a diffusion engine."""
 
-    needs_colour_match = True
-    uses_prefill = True
-
     def __init__(self, native_size: int, busy_s: float = 0.0) -> None:
+        from genfill_server.engines.base import EngineCapabilities, EngineDefaults
+
         self.busy_s = busy_s
         self.name = "echo"
-        self.native_size = native_size
+        self.capabilities = EngineCapabilities(
+            prompt=True, options=frozenset({"steps"}), native_size=native_size, uses_prefill=True, needs_colour_match=True
+        )
+        self.defaults = EngineDefaults(steps=20)
         self.runs: list[float] = []
 
     def load(self) -> None:
@@ -151,7 +153,6 @@ def stages(case: str, reps: int) -> dict[str, float]:
 
 def e2e(case: str, reps: int, busy_s: float = 0.0) -> dict[str, float]:
     from genfill import Client
-    from genfill.protocol import Mode
     from genfill_server.app import ServerConfig
     from genfill_server.background import BackgroundServer
     from genfill_server.engines import EngineSet, EngineSpec
@@ -159,7 +160,7 @@ def e2e(case: str, reps: int, busy_s: float = 0.0) -> dict[str, float]:
     size, selection_px, native = CASES[case]
     canvas, mask = canvas_and_mask(size, selection_px)
     engine = EchoEngine(native, busy_s)
-    spec = EngineSpec("echo", lambda device, model: engine, (Mode.FILL, Mode.ADD, Mode.REMOVE))
+    spec = EngineSpec("echo", lambda device, model: engine, engine.capabilities)
     engines = EngineSet({"echo": spec}, "echo")
     totals = []
     with BackgroundServer(ServerConfig(write_state_file=False), engines) as server:

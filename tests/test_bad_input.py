@@ -24,7 +24,8 @@ from genfill.protocol import (
     parse_client_message,
     parse_server_message,
 )
-from genfill_server.app import ServerConfig, _job_id_of, _validation_error
+from genfill_server.app import ServerConfig
+from genfill_server.session import _job_id_of, _validation_error
 from genfill_server.background import BackgroundServer
 from genfill_server.errors import RequestError
 from genfill_server.images import decode_upload
@@ -150,7 +151,7 @@ async def test_messages_after_close_are_ignored(server):
     assert frames == []
     assert raw.at_eof()
     raw.close()
-    assert len(server.server.queue) == 0
+    assert server.server.scheduler.queued() == 0
     await session.run_valid_job("after-close")
     await session.close()
 
@@ -246,7 +247,7 @@ def test_fuzz_parser_and_error_mapping():
         try:
             parse_client_message(data)
         except ValidationError as exc:
-            error = _validation_error(exc, data)
+            error = _validation_error(exc)
             assert error.code in codes
             assert not any(marker in error.message for marker in ("Traceback", 'File "'))
 

@@ -225,7 +225,7 @@ def make_job(seeds: list[int], selection: np.ndarray | None = None) -> EngineJob
 def test_engine_returns_one_image_per_seed_and_reports_progress_over_the_whole_job() -> None:
     engine = ClassicEngine()
     assert isinstance(engine, Engine)
-    assert engine.name == "classic" and engine.native_size is None
+    assert engine.name == "classic" and engine.capabilities.native_size is None
     engine.load()
     calls: list[tuple[int, int]] = []
     job = make_job([1, 2, 3])

@@ -17,7 +17,7 @@ import pytest
 import torch
 from genfill import fill
 from genfill.protocol import ControlInput, FillRequest, Margins, Mode
-from genfill_server.engines.base import EngineError, EngineJob, JobCancelledError
+from genfill_server.engines.base import EngineError, EngineJob, EngineOptions, JobCancelledError
 from genfill_server.engines.controlnet import ControlNetEngine, control_image
 from genfill_server.engines.flux_fill import FluxFillEngine
 from genfill_server.engines.prefill import extend_edges, prefill, pull_push
@@ -54,7 +54,7 @@ def _job(seeds, selection=None, image=None, **options) -> EngineJob:
         selection=selection,
         denoise_mask=selection,
         seeds=list(seeds),
-        options=options,
+        options=EngineOptions.of(**options),
     )
 
 
@@ -353,13 +353,13 @@ def test_flow_engines(make):
     engine.load()
     assert engine.native_size == 32
     image, selection = _image(30), _square_selection(30)
-    job = EngineJob(image, selection, selection, [1, 2], {"mode": "fill", "prompt": "a cat", "steps": 3})
+    job = EngineJob(image, selection, selection, [1, 2], EngineOptions.of(mode="fill", prompt="a cat", steps=3))
     events = []
     batch = engine.run(job, lambda step, total, preview: events.append((step, total, preview)))
     assert [image.shape for image in batch] == [(30, 30, 3)] * 2
     assert [(step, total) for step, total, _ in events] == [(1, 3), (2, 3), (3, 3)]
     assert events[-1][2] is not None and events[-1][2].dtype == np.uint8
-    single = engine.run(EngineJob(image, selection, selection, [2], {"prompt": "a cat", "steps": 3}), _ignore)
+    single = engine.run(EngineJob(image, selection, selection, [2], EngineOptions.of(prompt="a cat", steps=3)), _ignore)
     assert np.abs(batch[1].astype(int) - single[0]).max() <= 2
 
     calls = []
@@ -375,7 +375,7 @@ def test_flow_engines(make):
         handle.remove()
     assert len(calls) == 1
     with pytest.raises(EngineError) as caught:
-        engine.run(EngineJob(image, selection, selection, [1], {"scheduler": "ddim"}), _ignore)
+        engine.run(EngineJob(image, selection, selection, [1], EngineOptions.of(scheduler="ddim")), _ignore)
     assert caught.value.code == "invalid_request"
 
 

@@ -3,6 +3,8 @@ server, driven by both SDK clients."""
 
 from __future__ import annotations
 
+import asyncio
+
 import numpy as np
 import pytest
 import tiny_models
@@ -11,6 +13,8 @@ from genfill import EngineUnavailable, JobCancelled
 from genfill_server.app import ServerConfig
 from genfill_server.background import BackgroundServer
 from genfill_server.engines import default_engines
+
+from bad_input.wire import Session, submit_message
 
 INPAINT = "tiny-inpaint"
 PLAIN = "tiny-plain"
@@ -142,3 +146,38 @@ def test_sd3_and_flux_fill_through_the_server(tmp_path, builder, engine):
     # A batch of two and a batch of one round differently in float32, by a level at most.
     np.testing.assert_allclose(again.arrays[0].astype(int), result.arrays[1].astype(int), atol=2)
     np.testing.assert_array_equal(grown.composite_array(0)[8:], canvas)
+
+
+def test_a_control_reference_is_the_same_as_a_control_input_with_its_image(server):
+    # One path for every extra image: a ControlInput's image is read as a control reference,
+    # so both spellings give the same pixels (and so the same result image id).
+    canvas = brick_image(64, 64, seed=5)
+    mask = rect_mask(64, 64, (16, 16, 32, 32))
+    edges = np.zeros((64, 64), np.uint8)
+    edges[:, ::8] = 255
+
+    async def scenario() -> tuple[dict, dict, dict]:
+        session = await Session.open(server.url, server.token)
+        image = await session.upload(canvas)
+        selection = await session.upload(mask)
+        control = await session.upload(edges)
+        common = {"model": INPAINT, "variations": 1, "steps": 2, "seed": 3}
+        await session.send(submit_message("input", image, selection, control=[{"type": "canny", "image": control}], **common))
+        await session.send(submit_message(
+            "reference", image, selection,
+            references=[{"image": control, "role": "control", "control_type": "canny"}], **common,
+        ))
+        await session.send(submit_message(
+            "small", image, selection,
+            references=[{"image": await session.upload(edges[:32]), "role": "control", "control_type": "canny"}],
+            **common,
+        ))
+        outcomes = [await session.job_outcome(job_id, timeout_s=120) for job_id in ("input", "reference", "small")]
+        await session.close()
+        return tuple(outcomes)
+
+    as_input, as_reference, too_small = asyncio.run(scenario())
+    assert as_input["type"] == as_reference["type"] == "result"
+    assert as_input["engine"] == as_reference["engine"] == "controlnet"
+    assert as_input["variations"][0]["image"] == as_reference["variations"][0]["image"]
+    assert too_small["type"] == "error" and too_small["code"] == "size_mismatch"

@@ -12,7 +12,7 @@ import functools
 import numpy as np
 import pytest
 import torch
-from genfill_server.engines.base import EngineJob, JobCancelledError
+from genfill_server.engines.base import EngineJob, EngineOptions, JobCancelledError
 from genfill_server.engines.graphs import GraphedStep, signature
 from genfill_server.engines.sd_inpaint import SDInpaintEngine
 from genfill_server.jobs import ClientHandle, FairQueue, Job
@@ -42,7 +42,7 @@ def _job(seeds, *, prompt="a cat", shift=0, offset=0, **options) -> EngineJob:
         selection=selection,
         denoise_mask=selection,
         seeds=list(seeds),
-        options={"mode": "fill", "prompt": prompt, "steps": 3, **options},
+        options=EngineOptions.of(**{"mode": "fill", "prompt": prompt, "steps": 3, **options}),
     )
 
 
@@ -128,12 +128,16 @@ def test_run_many_stops_when_every_job_is_cancelled(engine):
 
 def test_batch_keys_separate_what_cannot_share_a_batch(engine):
     base = {"mode": "fill", "steps": 3}
-    key = engine.batch_key((64, 64), base)
-    assert key == engine.batch_key((64, 64), {**base, "prompt": "other"})
-    assert key != engine.batch_key((64, 96), base)
-    assert key != engine.batch_key((64, 64), {**base, "steps": 4})
-    assert key != engine.batch_key((64, 64), {**base, "guidance": 3.0})
-    assert engine.batch_key((64, 64), {**base, "control": [{"type": "canny"}]}) is None
+
+    def key_of(size, **options):
+        return engine.batch_key(size, EngineOptions.of(**{**base, **options}))
+
+    key = key_of((64, 64))
+    assert key == key_of((64, 64), prompt="other")
+    assert key != key_of((64, 96))
+    assert key != key_of((64, 64), steps=4)
+    assert key != key_of((64, 64), guidance=3.0)
+    assert key_of((64, 64), control=[{"type": "canny"}]) is None
 
 
 def _queued(client_id: int, name: str) -> Job:
@@ -204,7 +208,7 @@ def test_engine_compiles_its_native_shapes_at_load():
     selection = np.zeros((size, size), np.uint8)
     selection[size // 4 : size // 2, size // 8 : size // 2] = 255
     image = np.random.default_rng(3).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    job = EngineJob(image, selection, selection, [7], {"mode": "fill", "prompt": "a cat", "steps": 3})
+    job = EngineJob(image, selection, selection, [7], EngineOptions.of(mode="fill", prompt="a cat", steps=3))
     calls = [runner.compiled_calls for runner in compiled.runners]
     result = compiled.run(job, _ignore)
     assert [runner.compiled_calls - before for runner, before in zip(compiled.runners, calls)] == [3, 1, 1]
@@ -237,7 +241,7 @@ def _check_compiled_engine(device: str, compiler, mean_levels: float) -> None:
     selection = np.zeros((size, size), np.uint8)
     selection[size // 4 : size // 2, size // 8 : size // 2] = 255
     image = np.random.default_rng(3).integers(0, 256, (size, size, 3), dtype=np.uint8)
-    job = EngineJob(image, selection, selection, [7], {"mode": "fill", "prompt": "a cat", "steps": 3})
+    job = EngineJob(image, selection, selection, [7], EngineOptions.of(mode="fill", prompt="a cat", steps=3))
     with torch.inference_mode():
         batch = fast._prepare_job(job)  # noqa: SLF001 - the step's real inputs for this job
         scheduler = make_scheduler(batch.scheduler_name, fast.pipeline.scheduler.config)

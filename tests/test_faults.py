@@ -29,16 +29,13 @@ from genfill.protocol import Limits, Mode
 from genfill_server.app import ServerConfig
 from genfill_server.background import BackgroundServer
 from genfill_server.engines import EngineSet, EngineSpec
-from genfill_server.engines.base import JobCancelledError
+import torch
+from genfill_server.engines.base import EngineCapabilities, EngineDefaults, JobCancelledError, torch_errors
 from websockets.exceptions import ConnectionClosed
 
 from bad_input.wire import RawSocket, Session, assert_clean_error, box_mask, small_image, submit_message
 
 pytestmark = pytest.mark.timeout(60)
-
-
-class OutOfMemoryError(RuntimeError):
-    """Named like ``torch.cuda.OutOfMemoryError``, which we cannot raise without a GPU."""
 
 
 class Recorder:
@@ -65,7 +62,8 @@ class ScriptedEngine:
     after two steps, ``crash`` raises an error full of internals; anything else is one step."""
 
     name = "scripted"
-    native_size = None
+    capabilities = EngineCapabilities(prompt=True, modes=frozenset({Mode.FILL, Mode.REMOVE, Mode.ADD}))
+    defaults = EngineDefaults()
 
     def __init__(self, recorder: Recorder) -> None:
         self.recorder = recorder
@@ -84,7 +82,7 @@ class ScriptedEngine:
         self.recorder.add("close", self.instance)
 
     def run(self, job, on_step):
-        prompt = job.options.get("prompt", "")
+        prompt = job.options.prompt
         steps = 200 if prompt == "slow" else 3
         self.recorder.add(f"start:{prompt}", self.instance)
         try:
@@ -93,10 +91,13 @@ class ScriptedEngine:
                     time.sleep(0.02)
                 on_step(step, steps, None)
                 if step == 2 and prompt == "oom":
-                    raise OutOfMemoryError(
-                        "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.65 GiB total capacity) "
-                        "in /usr/lib/python3/site-packages/torch/nn/functional.py"
-                    )
+                    # torch's own class, raised as a CUDA allocation failure raises it; the
+                    # engine maps it as genfill's torch engines do.
+                    with torch_errors():
+                        raise torch.OutOfMemoryError(
+                            "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 23.65 GiB total capacity) "
+                            "in /usr/lib/python3/site-packages/torch/nn/functional.py"
+                        )
                 if step == 2 and prompt == "crash":
                     raise RuntimeError('Traceback (most recent call last): File "/srv/genfill/secret.py", line 1')
         except JobCancelledError:
@@ -110,7 +111,7 @@ def scripted_engines(recorder: Recorder) -> EngineSet:
     spec = EngineSpec(
         name="scripted",
         factory=lambda device, model: ScriptedEngine(recorder),
-        modes=(Mode.FILL, Mode.REMOVE, Mode.ADD),
+        capabilities=ScriptedEngine.capabilities,
         description="test engine",
     )
     return EngineSet(specs={"scripted": spec}, default_name="scripted")
@@ -164,7 +165,7 @@ async def test_disconnect_mid_job_cancels_it_and_the_queue_moves_on(scripted, ho
     assert recorder.names().count("start:slow") == 1
     assert "finished" in recorder.names()
     state = server.server
-    assert len(state.queue) == 0
+    assert state.scheduler.queued() == 0
     assert len(state._clients) == 1
     await stayer.close()
     await wait_until(lambda: not state._clients, timeout_s=5)

@@ -11,6 +11,7 @@ that is not to this machine.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 import json
 import re
 import shutil
@@ -28,7 +29,7 @@ from genfill_server.app import ServerConfig
 from genfill_server.background import BackgroundServer
 from genfill_server.cli import main as cli_main
 from genfill_server.engines import default_engines
-from genfill_server.engines.base import EngineJob
+from genfill_server.engines.base import ControlSpec, EngineJob, EngineOptions
 from genfill_server.registry import (
     CONFIGS_DIR,
     Architecture,
@@ -210,7 +211,7 @@ def tiny_job(size: int = 64, seeds=(0,)) -> EngineJob:
     selection = np.zeros((size, size), np.uint8)
     selection[16:48, 16:48] = 255
     return EngineJob(image=image, selection=selection, denoise_mask=selection.copy(), seeds=list(seeds),
-                     options={"prompt": "a cat", "steps": 2, "mode": "fill", "guidance": 2.0})
+                     options=EngineOptions.of(prompt="a cat", steps=2, mode="fill", guidance=2.0))
 
 
 def run_one(engine) -> list[np.ndarray]:
@@ -357,7 +358,7 @@ def test_controlnet_engine_serves_base_models_with_installed_controls(tmp_path):
     engine = engines.get("controlnet", "cpu", "tiny-inpaint")
     job = tiny_job()
     job = EngineJob(job.image, job.selection, job.denoise_mask, job.seeds,
-                    {**job.options, "control": [{"type": "canny", "strength": 1.0, "start": 0.0, "end": 1.0}]})
+                    replace(job.options, control=(ControlSpec("canny", strength=1.0, start=0.0, end=1.0),)))
     (image,) = engine.run(job, lambda *_: None)
     assert image.shape == (64, 64, 3)
     engines.close()

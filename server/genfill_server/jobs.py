@@ -1,8 +1,8 @@
 """Jobs and the fair queue that orders them.
 
 Clients take turns: the queue serves one job of each client that has any before a second job
-of any, so one client's 50 jobs do not starve another's one. Each device has one worker, which
-takes the next job, runs it off the event loop, and stops it at the next step when cancelled.
+of any, so one client's 50 jobs do not starve another's one. The scheduler
+(``genfill_server.scheduler``) keeps one queue a lane and runs the workers.
 """
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
-from genfill.protocol import FillRequest, Submit
+from genfill.protocol import FillRequest, ImageReference, ResultWarning, Submit
+
+from .engines.base import DeviceKind
 
 
 class ClientHandle:
@@ -114,9 +116,14 @@ class Job:
     selection: np.ndarray
     seeds: list[int]
     engine_name: str
-    control_images: list[np.ndarray | None] = field(default_factory=list)
-    """One per ``request.control`` entry: the decoded control image the size of ``canvas``,
-    or ``None`` where the engine derives one with the entry's preprocessor."""
+    lane: DeviceKind = DeviceKind.GPU
+    """The lane it waits in: its engine's device kind."""
+    references: tuple[tuple[ImageReference, np.ndarray], ...] = ()
+    """The request's extra images, decoded, each with its reference (a ``ControlInput`` with
+    an image among them, as a ``control`` reference); ``crop="context"`` ones are the size of
+    ``canvas``."""
+    warnings: tuple[ResultWarning, ...] = ()
+    """What its result will say the engine accepted but ignored."""
     state: Literal["queued", "running", "answering", "finished"] = "queued"
     """``answering``: the engine is done with it and its result is being made."""
     cancel_requested: threading.Event = field(default_factory=threading.Event)

@@ -15,9 +15,11 @@ import numpy as np
 from genfill import fill
 from genfill.fill import Box, Size
 from genfill.images import to_mask
-from genfill.protocol import ErrorCode, FillRequest, Mode
+from collections.abc import Sequence
 
-from .engines.base import Engine, EngineJob, StepCallback
+from genfill.protocol import ErrorCode, FillRequest, ImageReference, Mode, ReferenceRole
+
+from .engines.base import ControlSpec, Engine, EngineJob, EngineOptions, EngineReference, StepCallback
 from .engines.prefill import prefill
 from .errors import RequestError
 
@@ -126,29 +128,50 @@ def _early(needs_colour_match: bool, local_selection: np.ndarray, blend_px: int,
     return _Early(alpha, changed, work_known, statistics)
 
 
+References = Sequence[tuple[ImageReference, np.ndarray]]
+"""A request's extra images, decoded: each reference with its image (``crop="context"``
+ones the size of the canvas)."""
+
+
+def engine_options(
+    engine: Engine,
+    request: FillRequest,
+    control: Sequence[ControlSpec] | None = None,
+    references: Sequence[EngineReference] = (),
+) -> EngineOptions:
+    """The request's generation options with ``engine``'s defaults filled in. ``control``
+    ``None`` means the request's own control entries, without images."""
+    if control is None:
+        control = [ControlSpec(c.type, c.strength, c.start, c.end) for c in request.control if c.image is None]
+    return EngineOptions.resolve(
+        engine.defaults,
+        mode=request.mode,
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        steps=request.steps,
+        strength=request.strength,
+        guidance=request.guidance,
+        scheduler=request.scheduler,
+        control=control,
+        references=references,
+    )
+
+
 def batch_key(engine: Engine, request: FillRequest, selection: np.ndarray) -> tuple | None:
     """The key under which ``engine`` can run this request in one batch with others
     (``run_many``), or ``None`` where it runs alone: an engine without batching, a request
-    with control inputs, an empty selection."""
-    key_of = getattr(engine, "batch_key", None)
-    if key_of is None or not hasattr(engine, "run_many") or request.control:
+    with control inputs or references, an empty selection."""
+    capabilities = engine.capabilities
+    if not capabilities.batching or request.control or request.references:
         return None
     try:
-        context = fill.context_box(selection, native_size=engine.native_size)
+        context = fill.context_box(selection, native_size=capabilities.native_size)
     except fill.EmptyMaskError:
         return None
     work_size = context.size
-    if engine.native_size is not None:
-        work_size = fill.target_size(context.size, engine.native_size)
-    options = {
-        "mode": request.mode.value if isinstance(request.mode, Mode) else request.mode,
-        "steps": request.steps,
-        "guidance": request.guidance,
-        "scheduler": request.scheduler,
-        "strength": request.strength,
-        "control": request.control,
-    }
-    key = key_of((work_size.height, work_size.width), options)
+    if capabilities.native_size is not None:
+        work_size = fill.target_size(context.size, capabilities.native_size)
+    key = engine.batch_key((work_size.height, work_size.width), engine_options(engine, request))  # type: ignore[attr-defined]
     return None if key is None else (work_size, key)
 
 
@@ -159,7 +182,7 @@ def run_fill(
     selection: np.ndarray,
     seeds: list[int],
     on_step: StepCallback,
-    control_images: list[np.ndarray | None] | None = None,
+    references: References = (),
 ) -> PipelineResult:
     """Runs one request through ``engine``; blocking.
 
@@ -167,10 +190,10 @@ def run_fill(
         canvas: ``(H, W, 4)`` uint8 RGBA, the image the client sent (grown, for expand).
         selection: ``(H, W)`` uint8, 0 keeps, 255 replaces.
         seeds: one per variation.
-        control_images: one per ``request.control`` entry: a decoded control image the size of
-            ``canvas`` (RGBA or gray uint8), or ``None`` where the engine derives one.
+        references: the request's extra images (``References``); a ``control`` entry's own
+            ``image`` is read only from here, as the server turned it into a reference.
     """
-    prepared = prepare_fill(engine, request, canvas, selection, seeds, control_images)
+    prepared = prepare_fill(engine, request, canvas, selection, seeds, references)
     return finish_fill(engine, prepared, engine.run(prepared.job, on_step))
 
 
@@ -180,11 +203,13 @@ def prepare_fill(
     canvas: np.ndarray,
     selection: np.ndarray,
     seeds: list[int],
-    control_images: list[np.ndarray | None] | None = None,
+    references: References = (),
 ) -> PreparedFill:
     """The first half of ``run_fill``: crops, scales and masks; arguments as there."""
+    capabilities = engine.capabilities
+    native_size = capabilities.native_size
     try:
-        context = fill.context_box(selection, native_size=engine.native_size)
+        context = fill.context_box(selection, native_size=native_size)
     except fill.EmptyMaskError:
         raise RequestError(ErrorCode.EMPTY_SELECTION, "the selection is empty: nothing to fill") from None
     defaults = mask_defaults(context.size)
@@ -197,21 +222,31 @@ def prepare_fill(
     rgb = np.ascontiguousarray(fill.crop(canvas, context)[:, :, :3])
     local_selection = fill.crop(selection, context)
     work_size = context.size
-    if engine.native_size is not None:
-        work_size = fill.target_size(context.size, engine.native_size)
+    if native_size is not None:
+        work_size = fill.target_size(context.size, native_size)
     work_rgb = fill.resize(rgb, work_size)
     work_selection = fill.resize(local_selection, work_size)
-    options = request.model_dump(exclude={"image", "mask", "region"})
-    # Engines see control images as arrays cropped and scaled like the image, never as ids.
-    for control, image in zip(options["control"], control_images or [None] * len(options["control"])):
-        if image is not None:
-            rgb_control = image if image.ndim == 2 else image[:, :, :3]
-            control["image"] = fill.resize(np.ascontiguousarray(fill.crop(rgb_control, context)), work_size)
+    control = [ControlSpec(c.type, c.strength, c.start, c.end) for c in request.control if c.image is None]
+    extra: list[EngineReference] = []
+    for reference, image in references:
+        # Engines see every extra image as an array cropped and scaled like the image (or, for
+        # ``crop="whole"``, as uploaded), never as an id.
+        if image.ndim == 3:
+            image = image[:, :, :3]
+        if reference.cropped:
+            image = fill.resize(np.ascontiguousarray(fill.crop(image, context)), work_size)
+        image = np.ascontiguousarray(image)
+        if reference.role is ReferenceRole.CONTROL:
+            assert reference.control_type is not None  # ImageReference's validator
+            control.append(ControlSpec(reference.control_type, reference.weight, reference.start, reference.end, image))
+        else:
+            extra.append(EngineReference(reference.role, image, reference.weight, reference.start, reference.end))
+    options = engine_options(engine, request, control, extra)
     # The pre-fill and the masks each take milliseconds of numpy: side by side, the engine
     # starts sooner.
     prefilled = None
-    if getattr(engine, "uses_prefill", False):
-        prefilled = _HELPERS.submit(prefill, work_rgb, work_selection, str(options.get("mode") or "fill"))
+    if capabilities.uses_prefill:
+        prefilled = _HELPERS.submit(prefill, work_rgb, work_selection, str(options.mode))
     job = EngineJob(
         image=work_rgb,
         selection=work_selection,
@@ -220,9 +255,7 @@ def prepare_fill(
         options=options,
         prefilled=prefilled,
     )
-    early = _HELPERS.submit(
-        _early, getattr(engine, "needs_colour_match", True), local_selection, blend_px, job
-    )
+    early = _HELPERS.submit(_early, capabilities.needs_colour_match, local_selection, blend_px, job)
     return PreparedFill(job, context, work_size, rgb, local_selection, blend_px, early)
 
 

@@ -1,40 +1,48 @@
 """The engines a server runs, one instance per device, created on first use.
 
-``EngineSet`` is the server's only door to the engines: it names them, resolves which one a
-request asks for, and loads, recovers and closes them. The websocket app never imports an
-engine module itself.
+``EngineSet`` is the server's only door to the engines: it names them, admits a request to
+one (checking it against the engine's declared capabilities), and loads, recovers and closes
+them. The websocket app never imports an engine module itself.
+
+Engines come from *providers* registered under the ``genfill.engines`` entry-point group, in
+a package's ``pyproject.toml``::
+
+    [project.entry-points."genfill.engines"]
+    my_engine = "my_package.genfill_provider:provide"
+
+where ``provide(context: ProviderContext) -> Iterable[EngineSpec]`` (see ``spec.py``).
+genfill's own engines register the same way (``providers.py``).
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
-import inspect
+import importlib.metadata
 import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from genfill.protocol import ControlType, ErrorCode, FillRequest, Mode, ModelInfo
+from genfill.protocol import EngineInfo, ErrorCode, FillRequest, Mode, ResultWarning
 
 from ..errors import RequestError
-from ..registry import Architecture, LocalModel, ModelRegistry, dtype_for
-from .base import Engine
+from ..registry import ModelRegistry
+from .base import Engine, EngineCapabilities
+from .spec import EngineSpec, Provider, ProviderContext
+
+__all__ = ["Admission", "EngineSet", "EngineSpec", "ProviderContext", "default_engines", "discover_providers"]
 
 logger = logging.getLogger("genfill.engines")
 
 
 @dataclass(frozen=True)
-class EngineSpec:
-    """How to make one engine: ``factory(device, model)`` returns an unloaded ``Engine``."""
+class Admission:
+    """A request admitted to an engine: its name, what it takes for the request's model, and
+    the warnings its result will carry."""
 
-    name: str
-    factory: Callable[[str, str | None], Engine]
-    modes: tuple[Mode, ...]
-    description: str = ""
-    models: tuple[ModelInfo, ...] = ()
-    needs_model: bool = False
+    engine: str
+    capabilities: EngineCapabilities
+    warnings: tuple[ResultWarning, ...] = ()
 
 
 @dataclass
@@ -48,18 +56,41 @@ class EngineSet:
         """Engines and models as ``hello`` and ``GET /v1/models`` list them."""
         return {
             "default_engine": self.default_name,
-            "engines": [
-                {"name": spec.name, "available": True, "modes": list(spec.modes), "description": spec.description}
-                for spec in self.specs.values()
-            ],
+            "engines": [info.model_dump(mode="json") for info in self.engine_infos()],
             "models": [model.model_dump(mode="json") for spec in self.specs.values() for model in spec.models],
         }
+
+    def engine_infos(self) -> list[EngineInfo]:
+        return [
+            EngineInfo(
+                name=spec.name,
+                available=True,
+                modes=[mode for mode in Mode if mode in spec.capabilities.modes],
+                description=spec.description,
+                capabilities=spec.capabilities.wire(),
+            )
+            for spec in self.specs.values()
+        ]
+
+    def admit(self, request: FillRequest) -> Admission:
+        """The engine a request runs on, checked against what it declares it takes.
+
+        Raises:
+            RequestError: no such engine or model (``engine_unavailable``,
+                ``model_not_found``, ``weights_not_installed``), or the engine cannot honour
+                something the request asks (``invalid_request``, ``unsupported``).
+        """
+        name = self.resolve(request)
+        capabilities = self.specs[name].capabilities_for(request.model)
+        return Admission(name, capabilities, tuple(capabilities.check(name, request)))
 
     def resolve(self, request: FillRequest) -> str:
         """The engine name a request runs on. Raises ``RequestError`` if it cannot run."""
         name = request.engine
         if name is None and request.model is not None:
-            wanted = {control.type for control in request.control}
+            wanted = {control.type for control in request.control} | {
+                r.control_type for r in request.references if r.control_type is not None
+            }
             serving = [spec for spec in self.specs.values() if any(m.name == request.model for m in spec.models)]
             # A model may be listed by several engines (plain and ControlNet); a request with
             # controls goes to one whose listing offers those control types.
@@ -85,8 +116,6 @@ class EngineSet:
                 ErrorCode.ENGINE_UNAVAILABLE,
                 f"engine {name!r} is not available; this server has: {', '.join(self.specs)}",
             )
-        if request.mode not in spec.modes:
-            raise RequestError(ErrorCode.INVALID_REQUEST, f"engine {name!r} does not do mode '{request.mode}'")
         if request.model is not None and not any(m.name == request.model for m in spec.models):
             raise RequestError(ErrorCode.MODEL_NOT_FOUND, f"engine {name!r} has no model named {request.model!r}")
         return name
@@ -141,6 +170,37 @@ class EngineSet:
             self.recover(name)
 
 
+ENTRY_POINT_GROUP = "genfill.engines"
+
+BUILTIN_PROVIDERS = {
+    "classic": "genfill_server.engines.providers:classic",
+    "diffusion": "genfill_server.engines.providers:diffusion",
+    "controlnet": "genfill_server.engines.providers:controlnet",
+}
+"""genfill's own providers, as its ``pyproject.toml`` registers them (a test keeps the two
+equal); used as they are when genfill runs from a source tree that was never installed."""
+
+
+def discover_providers() -> dict[str, Provider]:
+    """The providers of every installed package, genfill's own first, by entry-point name.
+
+    A provider that fails to import is logged and left out: one broken plug-in package must not
+    keep the server from starting.
+    """
+    found = {entry.name: entry for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    for name, value in BUILTIN_PROVIDERS.items():
+        if name not in found:
+            found[name] = importlib.metadata.EntryPoint(name, value, ENTRY_POINT_GROUP)
+    ordered = [*BUILTIN_PROVIDERS, *sorted(set(found) - set(BUILTIN_PROVIDERS))]
+    providers: dict[str, Provider] = {}
+    for name in ordered:
+        try:
+            providers[name] = found[name].load()
+        except Exception:  # noqa: BLE001 - a third-party package's import error is not ours to raise
+            logger.exception("engine provider %r (%s) failed to load; its engines are left out", name, found[name].value)
+    return providers
+
+
 def default_engines(
     model_dirs: Sequence[str | Path] = (),
     *,
@@ -148,9 +208,11 @@ def default_engines(
     default_engine: str | None = None,
     offload: bool = False,
     registry: ModelRegistry | None = None,
+    providers: dict[str, Provider] | None = None,
 ) -> EngineSet:
-    """The engines this installation can run: classic always, and one diffusion engine per
-    family that has an installed model (see ``genfill_server.registry``).
+    """The engines this installation can run: classic always, one diffusion engine per family
+    that has an installed model (see ``genfill_server.registry``), and whatever installed
+    packages provide.
 
     Args:
         model_dirs: folders of diffusers models or single-file checkpoints (``--models-dir``).
@@ -160,173 +222,28 @@ def default_engines(
             keeps ``classic``, which needs no weights.
         offload: model CPU offload for GPUs too small to hold a whole pipeline.
         registry: an already scanned registry; overrides ``model_dirs`` and ``hf_cache``.
+        providers: the providers to ask, by name; ``None`` means ``discover_providers()``.
 
     Raises:
         ValueError: ``default_engine`` names an engine this installation does not have.
     """
-    from .classic import ClassicEngine
-
-    specs = {
-        "classic": EngineSpec(
-            name="classic",
-            factory=lambda device, model: ClassicEngine(),
-            modes=_ALL_MODES,
-            description="content-aware fill from the image itself; needs no model weights",
-        )
-    }
     if registry is None:
         cache: Path | None | bool = None if hf_cache is True else hf_cache
         registry = ModelRegistry(model_dirs=[Path(d) for d in model_dirs], hf_cache=cache)
-    for family in _FAMILIES:
-        spec = _diffusion_spec(family, registry, offload)
-        if spec is not None:
+    context = ProviderContext(registry=registry, offload=offload)
+    specs: dict[str, EngineSpec] = {}
+    for provider_name, provider in (discover_providers() if providers is None else providers).items():
+        try:
+            offered = list(provider(context))
+        except Exception:  # noqa: BLE001 - as in discover_providers
+            logger.exception("engine provider %r failed; its engines are left out", provider_name)
+            continue
+        for spec in offered:
+            if spec.name in specs:
+                logger.warning("engine %r of provider %r is already provided; ignoring it", spec.name, provider_name)
+                continue
             specs[spec.name] = spec
-    spec = _controlnet_spec(registry, offload)
-    if spec is not None:
-        specs[spec.name] = spec
     name = default_engine or "classic"
     if name not in specs:
         raise ValueError(f"default engine {name!r} is not available; this installation has: {', '.join(specs)}")
     return EngineSet(specs=specs, default_name=name)
-
-
-_ALL_MODES = (Mode.FILL, Mode.REMOVE, Mode.EXPAND, Mode.ADD)
-
-
-@dataclass(frozen=True)
-class _Family:
-    """A diffusion engine and the architectures it runs; its module is imported only when an
-    engine is built, so a server without the diffusion extra still starts."""
-
-    name: str
-    architectures: tuple[Architecture, ...]
-    module: str
-    class_name: str
-    description: str
-
-
-_FAMILIES = (
-    _Family(
-        "sd_inpaint",
-        (Architecture.SD15, Architecture.SD2, Architecture.SDXL),
-        "sd_inpaint",
-        "SDInpaintEngine",
-        "Stable Diffusion 1.5, 2 and SDXL inpainting (inpaint and ordinary checkpoints)",
-    ),
-    _Family("sd3_inpaint", (Architecture.SD3,), "sd3_inpaint", "SD3InpaintEngine", "Stable Diffusion 3 / 3.5 inpainting"),
-    _Family("flux_fill", (Architecture.FLUX,), "flux_fill", "FluxFillEngine", "Flux.1 Fill"),
-)
-
-
-def _diffusion_spec(family: _Family, registry: ModelRegistry, offload: bool) -> EngineSpec | None:
-    models = sorted(
-        (m for m in registry.models.values() if m.architecture in family.architectures),
-        # Dedicated inpainting weights first: they are what a request naming no model gets.
-        key=lambda m: (not m.inpaint, m.name),
-    )
-    if not models or importlib.util.find_spec(f"{__name__}.{family.module}") is None:
-        return None
-    by_name = {m.name: m for m in models}
-
-    def factory(device: str, model_name: str | None) -> Engine:
-        model = by_name[model_name] if model_name is not None else models[0]
-        module = importlib.import_module(f"{__name__}.{family.module}")
-        engine_class = getattr(module, family.class_name, None) or next(
-            getattr(module, n) for n in getattr(module, "__all__", ()) if n.endswith("Engine")
-        )
-        dtype = dtype_for(model.architecture, device)
-        return _construct(
-            engine_class,
-            lambda: registry.load(model, dtype=dtype),
-            device=device,
-            dtype=dtype,
-            offload=offload and device.startswith("cuda"),
-            name=family.name,
-        )
-
-    infos = tuple(
-        ModelInfo(
-            name=m.name,
-            engine=family.name,
-            architecture=str(m.architecture),
-            inpaint=m.inpaint,
-            native_size=m.native_size,
-            source=str(m.source),
-            modes=list(_ALL_MODES),
-        )
-        for m in models
-    )
-    return EngineSpec(
-        name=family.name,
-        factory=factory,
-        modes=_ALL_MODES,
-        description=family.description,
-        models=infos,
-        needs_model=True,
-    )
-
-
-_CONTROLNET_ARCHITECTURES = (Architecture.SD15, Architecture.SD2, Architecture.SDXL)
-
-
-def _controlnet_spec(registry: ModelRegistry, offload: bool) -> EngineSpec | None:
-    """The ``controlnet`` engine: every SD1.5/SD2/SDXL base model for which a ControlNet of its
-    architecture is installed, listing the control types it can take."""
-    if importlib.util.find_spec(f"{__name__}.controlnet") is None:
-        return None
-    models = sorted(
-        (m for m in registry.models.values() if m.architecture in _CONTROLNET_ARCHITECTURES and registry.controlnets_for(m.architecture)),
-        key=lambda m: (not m.inpaint, m.name),
-    )
-    if not models:
-        return None
-    by_name = {m.name: m for m in models}
-
-    def control_types(model: LocalModel) -> list[ControlType]:
-        found = {t for c in registry.controlnets_for(model.architecture) for t in c.control}
-        return [t for t in ControlType if t in found]
-
-    def factory(device: str, model_name: str | None) -> Engine:
-        from .controlnet import ControlNetEngine
-
-        model = by_name[model_name] if model_name is not None else models[0]
-        dtype = dtype_for(model.architecture, device)
-        controlnets = {
-            str(kind): (lambda c=registry.controlnet_for(model.architecture, kind): registry.load_controlnet(c, dtype=dtype))
-            for kind in control_types(model)
-        }
-        return ControlNetEngine(
-            lambda: registry.load(model, dtype=dtype),
-            controlnets,
-            device=device,
-            dtype=dtype,
-            offload=offload and device.startswith("cuda"),
-            name="controlnet",
-        )
-
-    infos = tuple(
-        ModelInfo(
-            name=m.name,
-            engine="controlnet",
-            architecture=str(m.architecture),
-            inpaint=m.inpaint,
-            native_size=m.native_size,
-            source=str(m.source),
-            modes=list(_ALL_MODES),
-            control=control_types(m),
-        )
-        for m in models
-    )
-    return EngineSpec(
-        name="controlnet",
-        factory=factory,
-        modes=_ALL_MODES,
-        description="SD 1.5, 2 and SDXL inpainting guided by ControlNets (canny, depth, pose, lineart...)",
-        models=infos,
-        needs_model=True,
-    )
-
-
-def _construct(engine_class, pipeline_factory, **options) -> Engine:
-    accepted = inspect.signature(engine_class).parameters
-    return engine_class(pipeline_factory, **{k: v for k, v in options.items() if k in accepted})

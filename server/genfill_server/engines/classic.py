@@ -42,7 +42,7 @@ from typing import NamedTuple
 import numpy as np
 from genfill.protocol import ErrorCode
 
-from .base import EngineError, EngineJob, StepCallback
+from .base import DeviceKind, EngineCapabilities, EngineDefaults, EngineError, EngineJob, StepCallback
 
 WORK_PIXELS = 80_000
 """The context is halved until it has at most this many pixels before PyPatchMatch runs: at
@@ -179,7 +179,8 @@ class ClassicEngine:
     """The ``Engine`` for content-aware fill; needs no weights and runs on the CPU."""
 
     name = "classic"
-    native_size: int | None = None
+    capabilities = EngineCapabilities(prompt=False, device_kind=DeviceKind.CPU, needs_colour_match=True)
+    defaults = EngineDefaults()
 
     def load(self) -> None:
         """Checks that PyPatchMatch's native library loaded.

@@ -6,7 +6,7 @@ controls add up, as in diffusers' ``MultiControlNetModel``.
 
 Control images come from one of two places:
 
-- the request: ``job.options["control"][i]["image"]`` is then an ``(H, W, 3)`` (or ``(H, W)``)
+- the request: ``job.options.control[i].image`` is then an ``(H, W, 3)`` (or ``(H, W)``)
   uint8 numpy array that the server decoded from the uploaded image and the fill pipeline
   cropped and scaled like ``job.image``; an array of another size is resized to the job's
   size, so it must show the same area as ``job.image``;
@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from genfill.protocol import ErrorCode
+from genfill.protocol import ControlType, ErrorCode
 
-from .base import EngineError, EngineJob
+from .base import EngineError, EngineJob, EngineOptions
 from .graphs import GraphedStep
 from .prefill import PREFILL_SEED
 from .sd_inpaint import SDInpaintEngine
@@ -198,6 +198,10 @@ class ControlNetEngine(SDInpaintEngine):
     # Its jobs' shapes depend on their control inputs, and a load that compiled the plain
     # inpaint shapes would only add minutes: it runs uncompiled graphs.
     _warm_up_at_load = False
+    capabilities = SDInpaintEngine.capabilities.refined(
+        options=SDInpaintEngine.capabilities.options | {"control"}, control_types=frozenset(ControlType)
+    )
+    """The class's; an instance lists only the control types it has ControlNets for."""
 
     def __init__(
         self,
@@ -219,6 +223,9 @@ class ControlNetEngine(SDInpaintEngine):
             native_size=native_size, max_batch=max_batch, cuda_graphs=cuda_graphs, compiler=compiler,
         )
         self._controlnet_factories = dict(controlnets)
+        self.capabilities = self.capabilities.refined(
+            control_types=frozenset(ControlType(kind) for kind in self._controlnet_factories)
+        )
         self._controlnets: dict[str, Any] = {}
         # Run eagerly, a ControlNet's few hundred kernel launches a step kept the GPU waiting
         # on the CPU; replayed from a CUDA graph per control type and shape, as the UNet is.
@@ -261,22 +268,17 @@ class ControlNetEngine(SDInpaintEngine):
         self._controlnets[kind] = model
         return model
 
-    def _prepare_control(self, job: EngineJob, image: np.ndarray, options: dict) -> list[_Control]:
-        controls = options.get("control") or []
+    def _prepare_control(self, job: EngineJob, image: np.ndarray, options: EngineOptions) -> list[_Control]:
+        controls = options.control
         if not controls:
             raise EngineError(ErrorCode.INVALID_REQUEST, f"engine {self.name!r} needs at least one control input")
         height, width = image.shape[:2]
         prepared = []
         for entry in controls:
-            kind = str(entry.get("type"))
+            kind = str(entry.type)
             self._controlnet(kind)  # loaded now, or the request fails before any work
-            given = entry.get("image")
-            if given is not None and not isinstance(given, str):
-                rgb = _resize_rgb(_as_rgb(given), height, width)
-            elif given is not None:
-                raise EngineError(
-                    ErrorCode.INVALID_REQUEST, "a control image must reach the engine decoded, as an array"
-                )
+            if entry.image is not None:
+                rgb = _resize_rgb(_as_rgb(entry.image), height, width)
             else:
                 rgb = control_image(
                     kind, image, selection=job.selection, annotators_dir=self.annotators_dir, detectors=self._detectors
@@ -289,9 +291,9 @@ class ControlNetEngine(SDInpaintEngine):
                 _Control(
                     kind=kind,
                     cond=cond.to(self._exec_device, self.dtype),
-                    strength=float(entry.get("strength", 1.0)),
-                    start=float(entry.get("start", 0.0)),
-                    end=float(entry.get("end", 1.0)),
+                    strength=float(entry.strength),
+                    start=float(entry.start),
+                    end=float(entry.end),
                 )
             )
         return prepared

@@ -36,6 +36,10 @@ class FluxFillEngine(FlowFillEngine):
     family = "flux"
     default_steps = 28
     default_guidance = 30.0
+    # Flux Fill has no negative prompt.
+    capabilities = FlowFillEngine.capabilities.refined(
+        options=FlowFillEngine.capabilities.options - {"negative_prompt"}
+    )
 
     def __init__(
         self,
@@ -67,24 +71,7 @@ class FluxFillEngine(FlowFillEngine):
         return self.pipeline._unpack_latents(latents, height, width, self.pipeline.vae_scale_factor)
 
     def _call(self, image, mask, options, mode, seeds, height, width, callback):
-        from PIL import Image
-
-        count = len(seeds)
-        guidance = self.default_guidance if options.get("guidance") is None else float(options["guidance"])
         return self.pipeline(
-            prompt=[str(options.get("prompt") or "")] * count,
-            # One copy per variation, so each generator draws its own VAE sample and noise
-            # exactly as in a single-variation run.
-            image=[Image.fromarray(image)] * count,
-            mask_image=[Image.fromarray(mask)] * count,
-            height=height,
-            width=width,
-            strength=1.0 if options.get("strength") is None else float(options["strength"]),
-            num_inference_steps=int(options.get("steps") or self.default_steps),
-            guidance_scale=guidance,
-            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+            **self._common_arguments(image, mask, options, seeds, height, width, callback),
             max_sequence_length=self.max_sequence_length,
-            output_type="np",
-            callback_on_step_end=callback,
-            callback_on_step_end_tensor_inputs=["latents"],
         ).images

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from genfill.protocol import ErrorCode
 
-from .base import EngineError, EngineJob, StepCallback
+from .base import DeviceKind, EngineCapabilities, EngineDefaults, EngineError, EngineJob, StepCallback, torch_errors
 from .latent_preview import preview_due, preview_rgb
 from .prefill import prefill
 from .sd_inpaint import _empty_cache
@@ -39,7 +39,12 @@ class FlowFillEngine:
     family = "sd3"
     default_steps = 28
     default_guidance = 7.0
-    needs_colour_match = True
+    capabilities = EngineCapabilities(
+        prompt=True,
+        options=frozenset({"negative_prompt", "steps", "strength", "guidance", "scheduler"}),
+        device_kind=DeviceKind.GPU,
+        needs_colour_match=True,
+    )
 
     def __init__(
         self,
@@ -59,9 +64,11 @@ class FlowFillEngine:
         self.dtype = (dtype or torch.bfloat16) if cuda else torch.float32
         self.offload = offload
         self.native_size = native_size
+        self.capabilities = type(self).capabilities.refined(native_size=native_size)
         self._factory = pipeline_factory
         self.pipeline: Any = None
 
+    @torch_errors()
     def load(self) -> None:
         pipe = self._factory()
         pipe.set_progress_bar_config(disable=True)
@@ -73,6 +80,7 @@ class FlowFillEngine:
         self.pipeline = pipe
         if self.native_size is None:
             self.native_size = self._model_native_size()
+        self.capabilities = self.capabilities.refined(native_size=self.native_size)
 
     def close(self) -> None:
         self.pipeline = None
@@ -82,6 +90,15 @@ class FlowFillEngine:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.pipeline.vae.config.block_out_channels) - 1)
 
+    @property
+    def defaults(self) -> EngineDefaults:
+        return EngineDefaults(
+            steps=self.default_steps,
+            guidance=self.default_guidance,
+            scheduler="euler",
+            strength_by_mode={"fill": 1.0, "expand": 1.0, "add": 1.0, "remove": 1.0},
+        )
+
     def _model_native_size(self) -> int:
         return int(self.pipeline.transformer.config.sample_size) * self.vae_scale_factor
 
@@ -89,6 +106,7 @@ class FlowFillEngine:
     def size_multiple(self) -> int:
         return self.vae_scale_factor * int(self.pipeline.transformer.config.patch_size)
 
+    @torch_errors()
     def run(self, job: EngineJob, on_step: StepCallback) -> list[np.ndarray]:
         """Returns one ``(H, W, 3)`` uint8 RGB image per seed, the size of ``job.image``.
 
@@ -99,7 +117,7 @@ class FlowFillEngine:
         if self.pipeline is None:
             raise RuntimeError(f"engine {self.name} is not loaded")
         options = job.options
-        scheduler = options.get("scheduler")
+        scheduler = options.scheduler
         if scheduler is not None and str(scheduler) != "euler":
             raise EngineError(
                 ErrorCode.INVALID_REQUEST, f"engine {self.name!r} runs the flow-matching Euler scheduler only ('euler')"
@@ -114,7 +132,7 @@ class FlowFillEngine:
         denoise_mask = np.pad(np.asarray(job.denoise_mask), pad, mode="edge")
         height, width = image.shape[:2]
         seeds = [int(seed) for seed in job.seeds]
-        mode = str(options.get("mode") or "fill")
+        mode = str(options.mode)
         prefilled = prefill(image, selection, mode)
         pipe = self.pipeline
         device = torch.device(getattr(pipe, "_execution_device", None) or self.device)
@@ -172,6 +190,28 @@ class FlowFillEngine:
     def _call(self, image, mask, options, mode, seeds, height, width, callback):
         raise NotImplementedError
 
+    def _common_arguments(self, image, mask, options, seeds, height, width, callback) -> dict[str, Any]:
+        """The pipeline arguments both families take, for ``_call``."""
+        from PIL import Image
+
+        count = len(seeds)
+        return {
+            "prompt": [options.prompt] * count,
+            # One copy per variation, so each generator draws its own VAE sample and noise
+            # exactly as in a single-variation run.
+            "image": [Image.fromarray(image)] * count,
+            "mask_image": [Image.fromarray(mask)] * count,
+            "height": height,
+            "width": width,
+            "strength": 1.0 if options.strength is None else float(options.strength),
+            "num_inference_steps": int(options.steps or self.default_steps),
+            "guidance_scale": self.default_guidance if options.guidance is None else float(options.guidance),
+            "generator": [torch.Generator("cpu").manual_seed(seed) for seed in seeds],
+            "output_type": "np",
+            "callback_on_step_end": callback,
+            "callback_on_step_end_tensor_inputs": ["latents"],
+        }
+
 
 class SD3InpaintEngine(FlowFillEngine):
     """The ``Engine`` for SD3 / SD3.5 checkpoints (``StableDiffusion3InpaintPipeline``).
@@ -194,24 +234,8 @@ class SD3InpaintEngine(FlowFillEngine):
         super().__init__(pipeline_factory, device=device, dtype=dtype, offload=offload, name=name, native_size=native_size)
 
     def _call(self, image, mask, options, mode, seeds, height, width, callback):
-        from PIL import Image
-
         count = len(seeds)
-        guidance = self.default_guidance if options.get("guidance") is None else float(options["guidance"])
         return self.pipeline(
-            prompt=[str(options.get("prompt") or "")] * count,
-            negative_prompt=[str(options.get("negative_prompt") or "")] * count,
-            # One copy per variation, so each generator draws its own VAE sample and noise
-            # exactly as in a single-variation run.
-            image=[Image.fromarray(image)] * count,
-            mask_image=[Image.fromarray(mask)] * count,
-            height=height,
-            width=width,
-            strength=1.0 if options.get("strength") is None else float(options["strength"]),
-            num_inference_steps=int(options.get("steps") or self.default_steps),
-            guidance_scale=guidance,
-            generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
-            output_type="np",
-            callback_on_step_end=callback,
-            callback_on_step_end_tensor_inputs=["latents"],
+            **self._common_arguments(image, mask, options, seeds, height, width, callback),
+            negative_prompt=[options.negative_prompt] * count,
         ).images

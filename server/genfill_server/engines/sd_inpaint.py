@@ -57,7 +57,17 @@ import numpy as np
 import torch
 from genfill.protocol import ErrorCode
 
-from .base import EngineError, EngineJob, JobCancelledError, StepCallback
+from .base import (
+    DeviceKind,
+    EngineCapabilities,
+    EngineDefaults,
+    EngineError,
+    EngineJob,
+    EngineOptions,
+    JobCancelledError,
+    StepCallback,
+    torch_errors,
+)
 from .graphs import GraphedStep, compiler_for, graphs_enabled
 from .latent_preview import preview_due, preview_rgb
 from .prefill import prefill
@@ -118,20 +128,10 @@ def noise_coefficients(scheduler: Any, timestep: torch.Tensor, timesteps_host: t
         scheduler.timesteps = timesteps
 
 
-@dataclass(frozen=True)
-class Defaults:
-    """Generation defaults of a model family; a request's ``None`` takes these."""
-
-    steps: int
-    guidance: float
-    scheduler: str
-    strength_by_mode: dict[str, float]
-
-
 _STRENGTH = {"fill": 1.0, "expand": 1.0, "add": 1.0, "remove": 1.0}
 DEFAULTS = {
-    "sd15": Defaults(steps=25, guidance=7.5, scheduler="dpmpp_2m_karras", strength_by_mode=_STRENGTH),
-    "sdxl": Defaults(steps=30, guidance=5.0, scheduler="dpmpp_2m_karras", strength_by_mode=_STRENGTH),
+    "sd15": EngineDefaults(steps=25, guidance=7.5, scheduler="dpmpp_2m_karras", strength_by_mode=_STRENGTH),
+    "sdxl": EngineDefaults(steps=30, guidance=5.0, scheduler="dpmpp_2m_karras", strength_by_mode=_STRENGTH),
 }
 
 
@@ -210,10 +210,17 @@ class SDInpaintEngine:
             (``graphs.compiler_for``), ``None`` compiles nothing.
     """
 
-    needs_colour_match = True
-    uses_prefill = True
-    max_batch_images = 8
-    """The most images ``run_many`` is given at once by the server."""
+    capabilities = EngineCapabilities(
+        prompt=True,
+        options=frozenset({"negative_prompt", "steps", "strength", "guidance", "scheduler"}),
+        device_kind=DeviceKind.GPU,
+        batching=True,
+        max_batch_images=8,
+        uses_prefill=True,
+        needs_colour_match=True,
+    )
+    """The class's; ``load`` adds the model's ``native_size``. ``max_batch_images`` is the most
+    images ``run_many`` is given at once by the server."""
 
     _PROMPT_CACHE_SIZE = 32
 
@@ -242,6 +249,7 @@ class SDInpaintEngine:
         self.offload = offload
         self.max_batch = max_batch
         self.native_size = native_size
+        self.capabilities = type(self).capabilities.refined(native_size=native_size)
         self._factory = pipeline_factory
         self.pipeline: Any = None
         self.family = "sd15"
@@ -260,6 +268,7 @@ class SDInpaintEngine:
 
     # Engine protocol
 
+    @torch_errors()
     def load(self) -> None:
         pipe = self._factory()
         self.family = "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd15"
@@ -277,6 +286,7 @@ class SDInpaintEngine:
         self.pipeline = pipe
         if self.native_size is None:
             self.native_size = int(pipe.unet.config.sample_size) * self.vae_scale_factor
+        self.capabilities = self.capabilities.refined(native_size=self.native_size)
         self._load_extra()
         if self.step_runner.compiler is not None and self._warm_up_at_load:
             self._warm_up()
@@ -297,8 +307,8 @@ class SDInpaintEngine:
         selection[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
         image = np.full((size, size, 3), 128, np.uint8)
         jobs = [
-            EngineJob(image, selection, selection, [seed], {"steps": 2, "mode": "fill", "prompt": ""})
-            for seed in range(self.max_batch_images)
+            EngineJob(image, selection, selection, [seed], EngineOptions.resolve(self.defaults, steps=2))
+            for seed in range(self.capabilities.max_batch_images)
         ]
 
         def ignore(*_: Any) -> None:
@@ -323,6 +333,7 @@ class SDInpaintEngine:
         self._close_extra()
         _empty_cache(self.device)
 
+    @torch_errors()
     def run(self, job: EngineJob, on_step: StepCallback) -> list[np.ndarray]:
         """Returns one ``(H, W, 3)`` uint8 RGB image per seed, the size of ``job.image``.
 
@@ -375,22 +386,15 @@ class SDInpaintEngine:
                     self.pipeline.maybe_free_model_hooks()
         return results
 
-    def batch_key(self, work_size: tuple[int, int], options: dict) -> tuple | None:
+    def batch_key(self, work_size: tuple[int, int], options: EngineOptions) -> tuple | None:
         """What jobs must share to run in one ``run_many`` batch: the working size ``(height,
-        width)`` and the request's options (``FillRequest`` fields) decide it. ``None`` for a
-        job that runs alone (one with control inputs)."""
-        if options.get("control"):
+        width)`` and the resolved options decide it. ``None`` for a job that runs alone (one
+        with control inputs)."""
+        if options.control:
             return None
-        defaults = self.defaults
-        mode = str(options.get("mode") or "fill")
-        return (
-            tuple(work_size),
-            int(options.get("steps") or defaults.steps),
-            defaults.guidance if options.get("guidance") is None else float(options["guidance"]),
-            str(options.get("scheduler") or defaults.scheduler),
-            defaults.strength_by_mode.get(mode, 1.0) if options.get("strength") is None else float(options["strength"]),
-        )
+        return (tuple(work_size), options.steps, options.guidance, options.scheduler, options.strength)
 
+    @torch_errors()
     def run_many(
         self, jobs: Sequence[EngineJob], on_steps: Sequence[StepCallback]
     ) -> list[list[np.ndarray] | BaseException]:
@@ -413,7 +417,7 @@ class SDInpaintEngine:
                 keys = {part.batch.batch_key() for _, part in parts}
                 if len(keys) > 1:
                     raise ValueError("run_many needs jobs of one batch key")
-                limit = self.max_batch or self.max_batch_images
+                limit = self.max_batch or self.capabilities.max_batch_images
                 rows = sum(len(part.seeds) for _, part in parts)
                 alone = rows > limit
                 if parts and not alone:
@@ -451,7 +455,7 @@ class SDInpaintEngine:
         return int(self.pipeline.unet.config.in_channels) == 9
 
     @property
-    def defaults(self) -> Defaults:
+    def defaults(self) -> EngineDefaults:
         return DEFAULTS[self.family]
 
     @property
@@ -491,10 +495,10 @@ class SDInpaintEngine:
         factor = self.vae_scale_factor
         if image.shape[0] % factor or image.shape[1] % factor:
             raise ValueError(f"image size {image.shape[1]}x{image.shape[0]} is not a multiple of {factor}")
-        scheduler_name = str(job.options.get("scheduler") or self.defaults.scheduler)
+        scheduler_name = str(job.options.scheduler or self.defaults.scheduler)
         if scheduler_name not in SCHEDULERS:
             make_scheduler(scheduler_name, None)  # raises the request error
-        mode = str(job.options.get("mode") or "fill")
+        mode = str(job.options.mode)
         return mode, job.prefilled or _PREFILL_POOL.submit(prefill, image, np.asarray(job.selection), mode)
 
     def _prepare_jobs(self, jobs: Sequence[EngineJob]) -> list[_Batch | BaseException]:
@@ -551,13 +555,15 @@ class SDInpaintEngine:
         return {i: encoded[i * per_job : (i + 1) * per_job] for i in range(len(items))}
 
     def _prepare(
-        self, job: EngineJob, prefilled: np.ndarray, options: dict, mode: str, encoded: torch.Tensor | None = None
+        self, job: EngineJob, prefilled: np.ndarray, options: EngineOptions, mode: str, encoded: torch.Tensor | None = None
     ) -> _Batch:
+        # Resolved by the pipeline (``EngineOptions.resolve``); the fallbacks serve a job
+        # built with bare ``EngineOptions()``.
         defaults = self.defaults
-        steps = int(options.get("steps") or defaults.steps)
-        guidance = defaults.guidance if options.get("guidance") is None else float(options["guidance"])
-        strength = defaults.strength_by_mode.get(mode, 1.0) if options.get("strength") is None else float(options["strength"])
-        scheduler_name = str(options.get("scheduler") or defaults.scheduler)  # checked by _start_prefill
+        steps = int(options.steps or defaults.steps)
+        guidance = defaults.guidance if options.guidance is None else float(options.guidance)
+        strength = defaults.strength_by_mode.get(mode, 1.0) if options.strength is None else float(options.strength)
+        scheduler_name = str(options.scheduler or defaults.scheduler)  # checked by _start_prefill
         device = self._exec_device
         pixels = _to_pixels(prefilled, device) if encoded is None else None
         mask_host = torch.from_numpy(np.asarray(job.denoise_mask, dtype=np.float32) / 255.0)[None, None]
@@ -588,7 +594,7 @@ class SDInpaintEngine:
             inpaint_cond = torch.cat([mask_latent, masked_latents], dim=1)
         do_cfg = guidance > 1.0
         embeds, added = self._encode_prompt(
-            str(options.get("prompt") or ""), str(options.get("negative_prompt") or ""), do_cfg, prefilled.shape[:2]
+            options.prompt, options.negative_prompt, do_cfg, prefilled.shape[:2]
         )
         return _Batch(x0, m, inpaint_cond, embeds, added, guidance, scheduler_name, steps, strength, m_host)
 
@@ -835,8 +841,8 @@ class SDInpaintEngine:
     def _close_extra(self) -> None:
         pass
 
-    def _prepare_control(self, job: EngineJob, image: np.ndarray, options: dict) -> Any:
-        if options.get("control"):
+    def _prepare_control(self, job: EngineJob, image: np.ndarray, options: EngineOptions) -> Any:
+        if options.control:
             raise EngineError(
                 ErrorCode.INVALID_REQUEST, f"engine {self.name!r} takes no control inputs; use a ControlNet engine"
             )
