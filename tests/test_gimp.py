@@ -142,6 +142,7 @@ def test_fill_from_the_pdb_adds_layers_at_the_selection(server, workdir):
     out = _batch(workdir, "python-fu-genfill-fill", args)
     assert out["procedure_found"]
     assert out["status"] == "success", out.get("message")
+    assert "classic engine fills from the image alone and ignored the prompt" in out["_stderr"], out["_stderr"]
     [group] = out["groups"]
     assert group["name"] == "moss"
     assert [child["visible"] for child in group["children"]] == [True, False]

@@ -113,6 +113,7 @@ def test_fill_adds_variation_layers_at_the_selection(server, tmp_path, template_
                        tmp_path, template_home)
     assert out["python"].startswith("3.")
     assert out["ok"] is True, out["text"]
+    assert out["text"].startswith("The classic engine fills from the image alone and ignored the prompt"), out["text"]
     assert out["progress"] and out["progress"][-1][0] == out["progress"][-1][1]
     [group] = out["groups"]
     assert group["name"] == "sea"
@@ -286,6 +287,12 @@ def test_full_krita_menu_action_fills_and_undo_removes(painter_session):
     assert out["undo_texts"] == ["Undo Add Layer"]
     assert out["groups_after_undo"] == out["groups_after_fill"]
     assert np.array_equal(np.asarray(Image.open(job["export_after_undo"]).convert("RGBA")), filled)
+
+
+def test_ignored_prompt_is_said_in_the_status_line(painter_session):
+    first = painter_session["fills"][0]
+    assert first["status_label"].startswith("The classic engine fills from the image alone and ignored the prompt"), first
+    assert "Added 2 layer(s)" in first["status_label"]
 
 
 def test_second_fill_with_the_new_group_active_fills_again(painter_session):

@@ -168,6 +168,10 @@ def _run(procedure, run_mode, image, drawables, config, data):
         return procedure.new_return_values(Gimp.PDBStatusType.EXECUTION_ERROR, GLib.Error(message))
     finally:
         Gimp.progress_end()
+    # A prompt the engine ignored (classic) must not pass silently: GIMP shows a message in
+    # its status bar or error console; a batch run prints it.
+    for warning in gb.result_warnings(result):
+        Gimp.message(f"Generative fill: {warning}")
     Gimp.progress_set_text(f"Generative fill: added '{name}'")
     return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
 
