@@ -250,3 +250,145 @@ def test_menu_entries_are_registered_in_the_running_gimp(workdir):
     assert "menu_label != NULL" not in result.stderr
     pluginrc = (workdir.host / "home/.config/GIMP/3.0/pluginrc").read_bytes()  # holds icon PNGs
     assert pluginrc.count(b'"<Image>/Filters/Generative"') == 2, "pluginrc records no menu path"
+
+
+@pytest.fixture(scope="module")
+def xvfb_tcp():
+    """An X server the chroot reaches over TCP on 127.0.0.1 (it shares the host's network)."""
+    read, write = os.pipe()
+    process = subprocess.Popen(
+        ["Xvfb", "-displayfd", str(write), "-screen", "0", "1280x1024x24", "-listen", "tcp", "-ac"],
+        pass_fds=(write,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        display = pipe.readline().strip()
+    assert display, "Xvfb did not report a display"
+    yield f"127.0.0.1:{display}"
+    process.terminate()
+    process.wait(10)
+
+
+def test_dialog_offers_the_servers_engines_without_a_token_field(server, workdir, xvfb_tcp, tmp_path_factory):
+    from genfill.state import ServerState, write_state
+
+    harness.require("Xvfb", bool(shutil.which("Xvfb")))
+    screenshots = tmp_path_factory.mktemp("gimp-screenshots")
+    state = write_state(ServerState(url=server.url, token=server.token, pid=os.getpid(), version="test"),
+                        workdir.host / "server.json")
+    shutil.copy(harness.ROOT / "tests/editors/gimp_dialog.py", workdir.host / "dialog.py")
+    job = {name: str(workdir.inside / f"{name}.png") for name in ("fill_png", "expand_png", "offline_png")}
+    job["out"] = str(workdir.inside / "dialog.json")
+    (workdir.host / "job.json").write_text(json.dumps(job))
+    plugin = workdir.inside / "home/.config/GIMP/3.0/plug-ins/genfill"
+    home = workdir.inside / "home"
+    command = ["chroot", str(CHROOT), "/usr/bin/env", "-i", "PATH=/usr/bin:/bin", "LANG=C.UTF-8", f"HOME={home}",
+               f"DISPLAY={xvfb_tcp}", f"GENFILL_STATE_FILE={workdir.to_inside(state)}", f"XDG_RUNTIME_DIR={home}/.runtime",
+               "python3", str(workdir.inside / "dialog.py"), str(plugin), str(workdir.inside / "job.json")]
+    (workdir.host / "home/.runtime").mkdir(mode=0o700, exist_ok=True)
+    result = harness.run(command, env={"PATH": os.environ["PATH"]}, timeout_s=60)
+    out_path = workdir.host / "dialog.json"
+    assert out_path.exists(), f"the dialog script wrote nothing (rc {result.returncode}):\n{result.stderr[-3000:]}"
+    out = json.loads(out_path.read_text())
+    assert "exception" not in out, out["exception"]
+    for name in ("fill", "expand", "offline"):
+        shutil.copy(CHROOT / Path(out[name]["screenshot"]).relative_to("/"), screenshots / f"dialog-{name}.png")
+    print(f"screenshots in {screenshots}")
+
+    fill = out["fill"]
+    assert fill["engines"] == [["Server default (classic)", ""], ["classic", "classic"]]
+    assert fill["models"][0] == ["Engine default", ""]
+    assert fill["entries"] == [{"visible_text": True}], "a hidden (token) entry or a stray entry is in the dialog"
+    keys = [key for _, key in fill["mnemonics"]]
+    assert len(keys) == len(set(keys)), f"duplicate mnemonics: {fill['mnemonics']}"
+    assert {"p", "n", "m", "e", "o", "s", "v", "d", "r", "f", "c"} <= set(keys)
+    assert fill["strength_default"] is True and fill["strength_sensitive"] is False
+    assert fill["seed_random"] is True and fill["seed_sensitive"] is False
+    assert "ignores the prompt" in fill["status"]
+    assert fill["values"]["prompt"] == "a red door\nwith brass handles"
+    assert fill["values"]["seed"] == -1 and fill["values"]["strength"] == -1.0 and fill["values"]["mode"] == "fill"
+    assert out["fill_after_seed"]["seed"] == 42
+
+    expand = out["expand"]
+    keys = [key for _, key in expand["mnemonics"]]
+    assert len(keys) == len(set(keys)), f"duplicate mnemonics: {expand['mnemonics']}"
+    assert expand["values"]["left"] == 16 and "mode" not in expand["values"]
+    assert out["offline"]["status"] == "The genfill server is not running."
+    assert out["offline"]["engines"] == [["Server default", ""]]
+    for name in ("fill", "expand", "offline"):
+        assert Image.open(screenshots / f"dialog-{name}.png").size[0] > 200
+
+
+def _press(xvfb_display: str, title: str, keys: list[str], screenshot: Path, deadline_s: float = 90) -> bool:
+    """Waits for a window titled ``title``, grabs the screen, and types ``keys`` into it."""
+    env = {**os.environ, "DISPLAY": xvfb_display}
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        found = subprocess.run(["xdotool", "search", "--name", f"^{title}$"], capture_output=True, text=True, env=env)
+        windows = found.stdout.split()
+        if windows:
+            time.sleep(1.5)  # drawn, drop-downs filled
+            subprocess.run(["import", "-window", "root", str(screenshot)], env=env, capture_output=True, timeout=30)
+            for key in keys:
+                subprocess.run(["xdotool", "key", "--window", windows[-1], key], env=env, capture_output=True, timeout=10)
+                time.sleep(0.3)
+            return True
+        time.sleep(0.3)
+    return False
+
+
+def test_menu_fill_runs_the_dialog_twice_in_a_row_in_gimps_window(server, workdir, xvfb_tcp, tmp_path_factory):
+    """GIMP with its window: Fill as the menu runs it (interactive), the dialog answered with
+    its own mnemonic (Alt+F), twice in a row on the same image."""
+    from genfill.state import ServerState, write_state
+
+    for tool in ("xdotool", "import"):
+        harness.require(tool, bool(shutil.which(tool)))
+    screenshots = tmp_path_factory.mktemp("gimp-window-screenshots")
+    state = write_state(ServerState(url=server.url, token=server.token, pid=os.getpid(), version="test"),
+                        workdir.host / "server.json")
+    _photo().tofile(workdir.host / "in.rgba")
+    job = {"width": WIDTH, "height": HEIGHT, "image": str(workdir.inside / "in.rgba"), "selection": list(SELECTION),
+           "fills": 2, "out": str(workdir.inside / "interactive.json")}
+    (workdir.host / "job.json").write_text(json.dumps(job))
+    shutil.copy(harness.ROOT / "tests/editors/gimp_interactive.py", workdir.host / "interactive.py")
+    home = workdir.inside / "home"
+    environment = {"HOME": str(home), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "DISPLAY": xvfb_tcp,
+                   "XDG_CONFIG_HOME": f"{home}/.config", "XDG_CACHE_HOME": f"{home}/.cache",
+                   "XDG_DATA_HOME": f"{home}/.local/share", "XDG_RUNTIME_DIR": f"{home}/.runtime",
+                   "GEGL_SWAP": f"{home}/swap", "GENFILL_STATE_FILE": workdir.to_inside(state),
+                   "GENFILL_CI_JOB": str(workdir.inside / "job.json")}
+    (workdir.host / "home/.runtime").mkdir(mode=0o700, exist_ok=True)
+    code = f"exec(open('{workdir.inside / 'interactive.py'}').read())"
+    command = ["chroot", str(CHROOT), "/usr/bin/env", "-i", *(f"{k}={v}" for k, v in environment.items()),
+               "gimp-3.0", "--no-splash", "--batch-interpreter=python-fu-eval", "-b", code, "--quit"]
+    pressed = []
+
+    def answer_dialogs() -> None:
+        for index in range(job["fills"]):
+            marker = workdir.host / f"interactive.json.dialog-{index}"
+            deadline = time.monotonic() + 120
+            while not marker.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            pressed.append(_press(xvfb_tcp, "Generative Fill", ["alt+f"], screenshots / f"dialog-{index + 1}.png"))
+            while (workdir.host / "interactive.json").exists() is False and time.monotonic() < deadline:
+                time.sleep(0.2)
+
+    presser = threading.Thread(target=answer_dialogs, daemon=True)
+    presser.start()
+    result = harness.run(command, env={"PATH": os.environ["PATH"]}, timeout_s=240)
+    presser.join(10)
+    print(f"screenshots in {screenshots}")
+    out_path = workdir.host / "interactive.json"
+    assert out_path.exists(), f"GIMP wrote nothing (rc {result.returncode}):\n{result.stderr[-3000:]}"
+    out = json.loads(out_path.read_text())
+    assert "exception" not in out, out["exception"]
+    assert pressed == [True, True], f"the dialog did not appear: {pressed}\n{result.stderr[-3000:]}"
+    first, second = out["runs"]
+    assert first["status"] == "success", first.get("message")
+    assert second["status"] == "success", second.get("message")
+    assert second["selected"] == ["genfill fill"], "the first fill did not leave its group selected"
+    # Two groups side by side at the top (GIMP numbers the second name), three variations each.
+    assert [group["name"] for group in second["groups"]] == ["genfill fill #1", "genfill fill"]
+    for group in second["groups"]:
+        assert [visible for _, visible in group["children"]] == [True, False, False]

@@ -256,7 +256,7 @@ def _result(message: dict, received: dict[str, bytes], canvas: Size) -> JobResul
         raise ProtocolMismatch(f"the server's result box {tuple(box)} is not inside the {canvas.width}x{canvas.height} canvas")
     variations = []
     for variation in message["variations"]:
-        payload = received.pop(variation["image"], None)
+        payload = received.get(variation["image"])  # variations that came out alike share one image
         if payload is None:
             raise ProtocolMismatch("the server's result refers to an image it never sent")
         if len(payload) != box.width * box.height * 4:

@@ -9,13 +9,18 @@ Two PDB procedures, usable from scripts with the same arguments the dialog shows
 
 Results come back as new layers at the exact offset, one per variation in a layer group named
 after the prompt (the first shown, the others hidden), all inside one undo group.
-A plug-in is its own process, so the bridge's blocking client runs on GIMP's main thread;
-GIMP's progress cancel ends this process, which closes the connection, and the server then
-cancels the job.
+
+From the menu (interactive) the plug-in shows its own dialog (``genfill_dialog``): engines
+and models from the server, and the job runs on a thread while the dialog stays open, so its
+Cancel cancels the job on the server. From a script (non-interactive) the bridge's blocking
+client runs on GIMP's main thread; ending the plug-in's process closes the connection, and
+the server then cancels the job.
 """
 
 import os
+import queue
 import sys
+import threading
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,6 +108,9 @@ class GimpDocument(gb.Document):
                 layer.set_offsets(box.x, box.y)
                 layer.set_visible(index == 0)
                 layer.update(0, 0, box.width, box.height)
+            # GIMP would leave the last variation (hidden, inside the group) selected; the group
+            # is what the painter sees, as in Krita, and a next Fill reads it as it looks.
+            image.set_selected_layers([group])
         finally:
             image.undo_group_end()
         Gimp.displays_flush()
@@ -133,26 +141,20 @@ def _options(config, mode):
     )
 
 
+ARGUMENTS = ("prompt", "negative-prompt", "mode", "left", "right", "top", "bottom", "engine", "model", "strength",
+             "variations", "seed", "visible")
+
+
 def _run(procedure, run_mode, image, drawables, config, data):
-    if run_mode == Gimp.RunMode.INTERACTIVE:
-        gi.require_version("GimpUi", "3.0")
-        from gi.repository import GimpUi
-
-        GimpUi.init(procedure.get_name())
-        dialog = GimpUi.ProcedureDialog.new(procedure, config, procedure.get_menu_label().replace("_", "").rstrip("."))
-        dialog.fill(None)
-        accepted = dialog.run()
-        dialog.destroy()
-        if not accepted:
-            return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
-
     is_expand = procedure.get_name() == EXPAND
-    mode = "expand" if is_expand else (config.get_property("mode") or "fill")
     drawable = drawables[0] if drawables else None
     settings = gb.ServerSettings(
         url=config.get_property("server-url") or "", token=config.get_property("server-token") or ""
     )
     document = GimpDocument(image, drawable)
+    if run_mode == Gimp.RunMode.INTERACTIVE:
+        return _run_dialog(procedure, config, document, settings, is_expand)
+    mode = "expand" if is_expand else (config.get_property("mode") or "fill")
     try:
         options = _options(config, mode)
         Gimp.progress_init("Generative fill: connecting to the genfill server")
@@ -161,19 +163,96 @@ def _run(procedure, run_mode, image, drawables, config, data):
         name = gb.apply(document, prepared, result)
     except gb.JobCancelled:
         return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
-    except (gb.BridgeError, ValueError, Exception) as exc:  # noqa: BLE001 - GIMP must get a message, not a crash
-        message = str(exc) if isinstance(exc, (gb.BridgeError, ValueError)) else f"Unexpected error in the genfill plug-in: {exc!r}"
-        if run_mode == Gimp.RunMode.INTERACTIVE:
-            Gimp.message(message)
-        return procedure.new_return_values(Gimp.PDBStatusType.EXECUTION_ERROR, GLib.Error(message))
+    except Exception as exc:  # noqa: BLE001 - GIMP must get a message, not a crash
+        return _failed(procedure, exc, interactive=False)
     finally:
         Gimp.progress_end()
+    _done(name, result)
+    return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
+
+
+def _run_dialog(procedure, config, document, settings, is_expand):
+    """The dialog, then the job with the dialog still open: its Cancel cancels the job."""
+    gi.require_version("GimpUi", "3.0")
+    gi.require_version("Gtk", "3.0")
+    from gi.repository import GimpUi, Gtk
+
+    from genfill_bridge.catalogue import fetch_models
+    from genfill_dialog import FillDialog
+
+    GimpUi.init(procedure.get_name())
+    try:
+        catalogue, error = fetch_models(settings), None
+    except (gb.BridgeError, ValueError) as exc:
+        catalogue, error = None, str(exc)
+    names = [name for name in ARGUMENTS if procedure.find_argument(name) is not None]
+    dialog = FillDialog(GimpUi.Dialog, expand=is_expand, catalogue=catalogue, error=error,
+                        initial={name: config.get_property(name) for name in names})
+    try:
+        while True:
+            if dialog.dialog.run() != Gtk.ResponseType.OK:
+                return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+            for name, value in dialog.values().items():
+                if name in names:
+                    config.set_property(name, value)  # GIMP keeps them as the next run's values
+            try:
+                prepared = gb.prepare(document, _options(config, "expand" if is_expand else config.get_property("mode")))
+                break
+            except (gb.BridgeError, ValueError) as exc:
+                dialog.say(str(exc))  # e.g. nothing selected: fix it, press Fill again
+        cancel = threading.Event()
+        dialog.running(True)
+        dialog.say("Filling...")
+        stop = (Gtk.ResponseType.CANCEL, Gtk.ResponseType.DELETE_EVENT)
+        dialog.dialog.connect("response", lambda _dialog, response: response in stop and cancel.set())
+        Gimp.progress_init("Generative fill: connecting to the genfill server")
+        events, outcome = queue.Queue(), {}
+
+        def work():
+            try:
+                outcome["result"] = gb.run(prepared, settings, on_event=events.put, cancel=cancel)
+            except Exception as exc:  # noqa: BLE001 - handed to the main thread
+                outcome["error"] = exc
+
+        # The job runs on a thread; GIMP's and GTK's calls stay on this one.
+        worker = threading.Thread(target=work, name="genfill-fill", daemon=True)
+        worker.start()
+        while worker.is_alive() or not events.empty():
+            while Gtk.events_pending():
+                Gtk.main_iteration_do(False)
+            try:
+                _show_progress(events.get(timeout=0.02))
+            except queue.Empty:
+                pass
+        Gimp.progress_end()
+        error = outcome.get("error")
+        if isinstance(error, gb.JobCancelled):
+            return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+        if error is not None:
+            return _failed(procedure, error, interactive=True)
+        try:
+            name = gb.apply(document, prepared, outcome["result"])
+        except Exception as exc:  # noqa: BLE001 - GIMP must get a message, not a crash
+            return _failed(procedure, exc, interactive=True)
+        _done(name, outcome["result"])
+        return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
+    finally:
+        dialog.dialog.destroy()
+
+
+def _failed(procedure, exc, *, interactive):
+    message = str(exc) if isinstance(exc, (gb.BridgeError, ValueError)) else f"Unexpected error in the genfill plug-in: {exc!r}"
+    if interactive:
+        Gimp.message(message)
+    return procedure.new_return_values(Gimp.PDBStatusType.EXECUTION_ERROR, GLib.Error(message))
+
+
+def _done(name, result):
     # A prompt the engine ignored (classic) must not pass silently: GIMP shows a message in
     # its status bar or error console; a batch run prints it.
     for warning in gb.result_warnings(result):
         Gimp.message(f"Generative fill: {warning}")
     Gimp.progress_set_text(f"Generative fill: added '{name}'")
-    return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
 
 
 def _show_progress(event):
