@@ -330,6 +330,13 @@ def _press(xvfb_display: str, title: str, keys: list[str], screenshot: Path, dea
             time.sleep(1.5)  # drawn, drop-downs filled
             subprocess.run(["import", "-window", "root", str(screenshot)], env=env, capture_output=True, timeout=30)
             for key in keys:
+                if key.startswith("sleep "):
+                    time.sleep(float(key.split()[1]))
+                    continue
+                if key == "shot":
+                    running = screenshot.with_name(screenshot.stem + "-running.png")
+                    subprocess.run(["import", "-window", "root", str(running)], env=env, capture_output=True, timeout=30)
+                    continue
                 subprocess.run(["xdotool", "key", "--window", windows[-1], key], env=env, capture_output=True, timeout=10)
                 time.sleep(0.3)
             return True
@@ -348,8 +355,11 @@ def test_menu_fill_runs_the_dialog_twice_in_a_row_in_gimps_window(server, workdi
     state = write_state(ServerState(url=server.url, token=server.token, pid=os.getpid(), version="test"),
                         workdir.host / "server.json")
     _photo().tofile(workdir.host / "in.rgba")
+    big = np.dstack([np.random.default_rng(1).integers(0, 255, (1100, 1400, 3), np.uint8), np.full((1100, 1400), 255, np.uint8)])
+    big.tofile(workdir.host / "big.rgba")
     job = {"width": WIDTH, "height": HEIGHT, "image": str(workdir.inside / "in.rgba"), "selection": list(SELECTION),
-           "fills": 2, "out": str(workdir.inside / "interactive.json")}
+           "fills": 2, "out": str(workdir.inside / "interactive.json"),
+           "cancel": {"width": 1400, "height": 1100, "image": str(workdir.inside / "big.rgba"), "selection": [100, 100, 1200, 900]}}
     (workdir.host / "job.json").write_text(json.dumps(job))
     shutil.copy(harness.ROOT / "tests/editors/gimp_interactive.py", workdir.host / "interactive.py")
     home = workdir.inside / "home"
@@ -365,14 +375,14 @@ def test_menu_fill_runs_the_dialog_twice_in_a_row_in_gimps_window(server, workdi
     pressed = []
 
     def answer_dialogs() -> None:
-        for index in range(job["fills"]):
+        for index in range(job["fills"] + 1):
             marker = workdir.host / f"interactive.json.dialog-{index}"
             deadline = time.monotonic() + 120
             while not marker.exists() and time.monotonic() < deadline:
                 time.sleep(0.2)
-            pressed.append(_press(xvfb_tcp, "Generative Fill", ["alt+f"], screenshots / f"dialog-{index + 1}.png"))
-            while (workdir.host / "interactive.json").exists() is False and time.monotonic() < deadline:
-                time.sleep(0.2)
+            # The last dialog: Fill, then its Cancel (Alt+C) while the job runs.
+            keys = ["alt+f"] if index < job["fills"] else ["alt+f", "sleep 0.5", "shot", "alt+c"]
+            pressed.append(_press(xvfb_tcp, "Generative Fill", keys, screenshots / f"dialog-{index + 1}.png"))
 
     presser = threading.Thread(target=answer_dialogs, daemon=True)
     presser.start()
@@ -383,7 +393,7 @@ def test_menu_fill_runs_the_dialog_twice_in_a_row_in_gimps_window(server, workdi
     assert out_path.exists(), f"GIMP wrote nothing (rc {result.returncode}):\n{result.stderr[-3000:]}"
     out = json.loads(out_path.read_text())
     assert "exception" not in out, out["exception"]
-    assert pressed == [True, True], f"the dialog did not appear: {pressed}\n{result.stderr[-3000:]}"
+    assert pressed == [True, True, True], f"the dialog did not appear: {pressed}\n{result.stderr[-3000:]}"
     first, second = out["runs"]
     assert first["status"] == "success", first.get("message")
     assert second["status"] == "success", second.get("message")
@@ -392,3 +402,9 @@ def test_menu_fill_runs_the_dialog_twice_in_a_row_in_gimps_window(server, workdi
     assert [group["name"] for group in second["groups"]] == ["genfill fill #1", "genfill fill"]
     for group in second["groups"]:
         assert [visible for _, visible in group["children"]] == [True, False, False]
+    # The dialog's Cancel during the job: nothing added, and the server's worker is free again.
+    assert out["cancelled_run"] == {"status": "cancel", "layers": ["big"]}
+    with Client(server.url, token=server.token) as client:
+        started = time.monotonic()
+        client.fill(_photo(), _mask(), variations=1)
+        assert time.monotonic() - started < 5

@@ -49,6 +49,29 @@ try:
         ]
         out["runs"].append(run)
         save()
+    if job.get("cancel"):
+        # A large job, cancelled from the dialog while it runs.
+        big = job["cancel"]
+        image = Gimp.Image.new(big["width"], big["height"], Gimp.ImageBaseType.RGB)
+        layer = Gimp.Layer.new(image, "big", big["width"], big["height"], Gimp.ImageType.RGBA_IMAGE, 100.0,
+                               Gimp.LayerMode.NORMAL)
+        image.insert_layer(layer, None, 0)
+        buffer = layer.get_buffer()
+        with open(big["image"], "rb") as file:
+            buffer.set(Gegl.Rectangle.new(0, 0, big["width"], big["height"]), "R'G'B'A u8", file.read())
+        buffer.flush()
+        Gimp.Display.new(image)
+        image.select_rectangle(Gimp.ChannelOps.REPLACE, *big["selection"])
+        config = procedure.create_config()
+        config.set_property("run-mode", Gimp.RunMode.INTERACTIVE)
+        config.set_property("image", image)
+        config.set_core_object_array("drawables", [layer])
+        config.set_property("variations", 8)
+        with open(job["out"] + f".dialog-{job['fills']}", "w") as marker:
+            marker.write("open")
+        result = procedure.run(config)
+        out["cancelled_run"] = {"status": result.index(0).value_nick,
+                                "layers": [item.get_name() for item in image.get_layers()]}
 except Exception:  # noqa: BLE001 - reported to the test
     out["exception"] = traceback.format_exc()
 save()

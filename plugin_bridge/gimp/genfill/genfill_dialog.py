@@ -40,7 +40,7 @@ class FillDialog:
         self.dialog.add_button("_Cancel", Gtk.ResponseType.CANCEL)
         self.ok_button = self.dialog.add_button("E_xpand" if expand else "_Fill", Gtk.ResponseType.OK)
         self.dialog.set_default_response(Gtk.ResponseType.OK)
-        grid = Gtk.Grid(column_spacing=12, row_spacing=6, margin=12)
+        grid = self.grid = Gtk.Grid(column_spacing=12, row_spacing=6, margin=12)
         self.dialog.get_content_area().add(grid)
         self._row = 0
 
@@ -179,8 +179,8 @@ class FillDialog:
     def running(self, running):
         """While the job runs only Cancel stays live: it cancels the job."""
         self.ok_button.set_sensitive(not running)
-        for widget in self.dialog.get_content_area().get_children():
-            widget.set_sensitive(not running)
+        for widget in self.grid.get_children():
+            widget.set_sensitive(not running or widget is self.status)
 
     def say(self, text):
         self.status.set_text(text)
