@@ -273,7 +273,7 @@ def test_dialog_offers_the_servers_engines_without_a_token_field(server, workdir
     from genfill.state import ServerState, write_state
 
     harness.require("Xvfb", bool(shutil.which("Xvfb")))
-    screenshots = tmp_path_factory.mktemp("gimp-screenshots")
+    screenshots = harness.screenshot_folder("gimp-dialog")
     state = write_state(ServerState(url=server.url, token=server.token, pid=os.getpid(), version="test"),
                         workdir.host / "server.json")
     shutil.copy(harness.ROOT / "tests/editors/gimp_dialog.py", workdir.host / "dialog.py")
@@ -351,7 +351,7 @@ def test_menu_fill_runs_the_dialog_twice_in_a_row_in_gimps_window(server, workdi
 
     for tool in ("xdotool", "import"):
         harness.require(tool, bool(shutil.which(tool)))
-    screenshots = tmp_path_factory.mktemp("gimp-window-screenshots")
+    screenshots = harness.screenshot_folder("gimp-window")
     state = write_state(ServerState(url=server.url, token=server.token, pid=os.getpid(), version="test"),
                         workdir.host / "server.json")
     _photo().tofile(workdir.host / "in.rgba")

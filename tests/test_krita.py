@@ -260,7 +260,7 @@ def painter_session(server, template_home, xvfb, tmp_path_factory):
     from genfill.state import ServerState, write_state
 
     tmp_path = tmp_path_factory.mktemp("krita-painter")
-    screenshots = tmp_path_factory.mktemp("krita-screenshots")
+    screenshots = harness.screenshot_folder("krita")
     state = write_state(ServerState(url=server.url, token=server.token, pid=os.getpid(), version="test"),
                         tmp_path / "server.json")
     job = {"fills": [{"prompt": "a calm sea", "variations": 2, "seed": 9}, {"prompt": "rocks", "variations": 1, "seed": 3}],
@@ -301,6 +301,10 @@ def test_second_fill_with_the_new_group_active_fills_again(painter_session):
     assert second["active"] == ["a calm sea", "grouplayer"]
     assert second["ok"] is True, second["text"]
     assert sorted(group["name"] for group in second["groups"]) == ["a calm sea", "rocks"]
+    # The group is a result: the layer it was made from is read, not its transparent patch.
+    assert "Read the layer 'Background', which the fill 'a calm sea' was made from." in second["status_label"]
+    assert first["strip"] == 2 and second["strip"] == 1, "the staging strip does not show the variations"
+    assert second["history"][1:3] == ["rocks", "a calm sea"], second["history"]
     [rocks] = [group for group in second["groups"] if group["name"] == "rocks"]
     assert rocks["children"] == [["rocks - variation 1", True]]
 
@@ -328,3 +332,32 @@ def test_docker_widgets_keep_usable_sizes_in_a_1000_px_window(painter_session):
     assert needed <= shown, f"the docker needs {needed} px across and has {shown}: its left or right is cut off"
     for path in painter_session["screenshots"]:
         assert Image.open(path).size[0] > 100
+
+
+def test_staging_strip_regenerate_apply_and_parameters_after_reopen(server, tmp_path, template_home):
+    out = _kritarunner("staging", {"url": server.url, "token": server.token}, tmp_path, template_home)
+    assert out["first"]["ok"] is True, out["first"]["text"]
+    assert out["strip"]["thumbnails"] == 3 and out["strip"]["seeds"] == [5, 6, 7]
+    assert all(max(size) == 72 for size in out["strip"]["sizes"]), out["strip"]["sizes"]
+    assert out["shown_visibility"] == [False, False, True]
+    # Again with seed: the shown variation's request and seed, one layer, the same pixels.
+    assert out["again_options"] == {"seed": 7, "variations": 1, "prompt": "sea\nat dusk", "source": "Background"}
+    assert out["again"]["ok"] is True and out["again_seeds"] == [7] and out["again_same_pixels"] is True
+    # Regenerate: new seeds, and the variations it replaces are gone.
+    assert out["regenerate"]["ok"] is True
+    assert len(out["regenerate_seeds"]) == 2 and 7 not in out["regenerate_seeds"]
+    assert [g["name"] for g in out["groups_after_regenerate"]] == ["sea at dusk", "sea at dusk"]
+    prompts = {prompt for prompt, _seed, _box, _engine in out["records"].values()}
+    assert prompts == {"sea\nat dusk"}
+    assert all(box == list(SELECTION) and engine == "classic" for _p, _s, box, engine in out["records"].values())
+    # Apply as a layer: the shown variation stays, alone in its group.
+    regenerated = out["groups_after_apply_layer"][0]
+    assert len(regenerated["children"]) == 1
+    # Saved and reopened: the parameters are still there, and they reproduce the layer.
+    assert out["saved"] is True
+    assert sorted(record[1] for record in out["reopened"]) == sorted([7, out["regenerate_seeds"][1]])
+    assert all(record[0] == "sea\nat dusk" and record[3] == "fill" for record in out["reopened"])
+    assert out["reopened_source"] == "Background"
+    assert out["repeat"]["ok"] is True and out["repeat_same_pixels"] is True
+    assert out["groups_after_discard"] == ["sea at dusk", "sea at dusk"]
+    assert out["groups_after_flatten"] == ["sea at dusk", "sea at dusk"] and out["flattened_changed"] is True

@@ -16,6 +16,7 @@ import threading
 from PyQt5.QtCore import QObject, pyqtSignal
 
 from .adapter import KritaDocument
+from .staging import Staging, find_layer, record_of
 from .genfill_bridge import BridgeError, FillOptions, JobCancelled, ServerSettings, apply, prepare, result_warnings, run
 
 
@@ -36,19 +37,25 @@ class FillController(QObject):
         self._cancel: threading.Event | None = None
         self._job = None
         self.last_group = None
+        self.staging = Staging(self)
+        self._note = ""
 
     @property
     def busy(self) -> bool:
         return self._job is not None
 
-    def start(self, document, options: FillOptions, settings: ServerSettings, node=None) -> bool:
-        """Reads the document and starts the job; False (and ``finished``) if it cannot start."""
+    def start(self, document, options: FillOptions, settings: ServerSettings, node=None, replaces=None) -> bool:
+        """Reads the document and starts the job; False (and ``finished``) if it cannot start.
+
+        ``node`` is the layer to read (``None``: the active one); ``replaces`` a result group
+        to delete once the new result is in (Regenerate)."""
         if self.busy:
             self.status.emit("A fill is already running: wait for it or cancel it.")
             return False
         if document is None:
             self.finished.emit(False, "Open an image first.")
             return False
+        node, note = _source_layer(document, node if node is not None else document.activeNode(), options)
         adapter = KritaDocument(document, node)
         try:
             prepared = prepare(adapter, options)
@@ -56,9 +63,10 @@ class FillController(QObject):
             self.finished.emit(False, str(exc))
             return False
         self._cancel = threading.Event()
-        self._job = (adapter, prepared)
+        self._job = (adapter, prepared, replaces)
+        self._note = note
         self.started.emit()
-        self.status.emit("Connecting to the genfill server...")
+        self.status.emit(f"{note} Connecting to the genfill server..." if note else "Connecting to the genfill server...")
         threading.Thread(target=self._work, args=(prepared, settings, self._cancel), name="genfill-fill", daemon=True).start()
         return True
 
@@ -86,7 +94,7 @@ class FillController(QObject):
             self.progress.emit(event.step, event.total)
 
     def _on_done(self, result, error) -> None:
-        adapter, prepared = self._job
+        adapter, prepared, replaces = self._job
         self._job = None
         self._cancel = None
         if error is not None:
@@ -98,7 +106,29 @@ class FillController(QObject):
             self.finished.emit(False, f"The fill finished but its layers could not be added: {exc}")
             return
         self.last_group = adapter.inserted_group
+        if replaces is not None:
+            replaces.remove()
+        try:
+            self.staging.stage(adapter, prepared, result)
+        except Exception as exc:  # noqa: BLE001 - the layers are in; say what is missing
+            self.status.emit(f"The layers are in, but their parameters could not be kept: {exc}")
         count = len(result.variations)
         shown = " Variation 1 is shown; the others are hidden in the group." if count > 1 else ""
         text = f"Added {count} layer(s) in group '{name}' ({result.seconds:.1f} s).{shown}"
-        self.finished.emit(True, " ".join([*result_warnings(result), text]))
+        self.finished.emit(True, " ".join([*result_warnings(result), text, *([self._note] if self._note else [])]))
+
+
+def _source_layer(document, node, options):
+    """The layer to read: ``node``, except that a result of an earlier fill (its group or a
+    variation, as Krita leaves active after the fill) stands for the layer that fill read.
+    A result group alone holds only the filled patch: read as it is, the engine would see
+    transparent surroundings and paint black. Returns ``(node, note for the status line)``."""
+    if options.source != "layer" or node is None:
+        return node, ""
+    record = record_of(document, node)
+    if record is None or not record.source_layer:
+        return node, ""
+    source = find_layer(document, record.source_layer)
+    if source is None or source.uniqueId() == node.uniqueId():
+        return node, ""
+    return source, f"Read the layer '{source.name()}', which the fill '{node.name()}' was made from."

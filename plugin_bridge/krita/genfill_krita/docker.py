@@ -10,10 +10,11 @@ up without a Refresh.
 
 from __future__ import annotations
 
+import json
 import threading
 
 from krita import DockWidget, Krita
-from PyQt5.QtCore import Qt, QTimer, pyqtSignal
+from PyQt5.QtCore import QSize, Qt, QTimer, pyqtSignal
 from PyQt5.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -24,6 +25,10 @@ from PyQt5.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QListView,
+    QListWidget,
+    QListWidgetItem,
+    QPlainTextEdit,
     QProgressBar,
     QPushButton,
     QScrollArea,
@@ -36,6 +41,8 @@ from PyQt5.QtWidgets import (
 
 from .controller import FillController
 from .genfill_bridge import MODES, BridgeError, FillOptions, Margins, ServerSettings, fetch_catalogue
+from .genfill_bridge.metadata import remember_prompt
+from .staging import find_layer, record_of
 
 SETTINGS_GROUP = "genfill"
 DOCKER_ID = "genfill_docker"
@@ -57,8 +64,16 @@ class GenfillDocker(DockWidget):
         layout = QVBoxLayout(content)
         form = QFormLayout()
         form.setFieldGrowthPolicy(QFormLayout.AllNonFixedFieldsGrow)
-        self.prompt = QLineEdit()
+        self.prompt = QPlainTextEdit()
         self.prompt.setPlaceholderText("what to paint (empty: continue the surroundings)")
+        self.prompt.setTabChangesFocus(True)
+        self.prompt.setFixedHeight(self.prompt.fontMetrics().lineSpacing() * 3 + 12)
+        self.history = QComboBox()
+        self.history.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.history.setMinimumContentsLength(6)
+        self.history.setToolTip("The last 20 prompts")
+        self._history = _read_history()
+        self._show_history()
         self.negative_prompt = QLineEdit()
         self.mode = QComboBox()
         self.mode.addItems(list(MODES))
@@ -109,6 +124,7 @@ class GenfillDocker(DockWidget):
         margin_grid.setColumnStretch(1, 1)
         margin_grid.setColumnStretch(3, 1)
         form.addRow("Prompt", self.prompt)
+        form.addRow("Recent", self.history)
         form.addRow("Negative", self.negative_prompt)
         form.addRow("Mode", self.mode)
         # Label above, grid below, across both columns: a docker column is about 260 px wide.
@@ -140,6 +156,40 @@ class GenfillDocker(DockWidget):
         self.status_label.setSizePolicy(QSizePolicy.Ignored, QSizePolicy.Minimum)
         layout.addWidget(self.status_label)
 
+        self.result_group = QGroupBox("Result")
+        result_layout = QVBoxLayout(self.result_group)
+        self.strip = QListWidget()
+        self.strip.setViewMode(QListView.IconMode)
+        self.strip.setFlow(QListView.LeftToRight)
+        self.strip.setWrapping(False)
+        self.strip.setIconSize(QSize(72, 72))
+        self.strip.setFixedHeight(104)
+        self.strip.setMovement(QListView.Static)
+        result_layout.addWidget(self.strip)
+        self.apply_button = QPushButton("Apply")
+        self.apply_as = QComboBox()
+        self.apply_as.addItem("as a layer", False)
+        self.apply_as.addItem("flattened", True)
+        self.apply_as.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+        self.apply_as.setMinimumContentsLength(6)
+        self.discard_button = QPushButton("Discard")
+        self.regenerate_button = QPushButton("Regenerate")
+        self.regenerate_button.setToolTip("The same request with new seeds; replaces these variations")
+        self.again_button = QPushButton("Again with seed")
+        self.again_button.setToolTip("The shown variation's request and seed, once more")
+        self.from_layer_button = QPushButton("From this layer")
+        self.from_layer_button.setToolTip("Fill again with the parameters kept in the active result layer")
+        # Two narrow columns: the docker column is about 260 px wide.
+        buttons_grid = QGridLayout()
+        buttons_grid.addWidget(self.apply_button, 0, 0)
+        buttons_grid.addWidget(self.apply_as, 0, 1)
+        buttons_grid.addWidget(self.discard_button, 1, 0)
+        buttons_grid.addWidget(self.regenerate_button, 1, 1)
+        buttons_grid.addWidget(self.again_button, 2, 0, 1, 2)
+        buttons_grid.addWidget(self.from_layer_button, 3, 0, 1, 2)
+        result_layout.addLayout(buttons_grid)
+        layout.addWidget(self.result_group)
+
         self.server_group = QGroupBox("Server")
         server_form = QFormLayout(self.server_group)
         self.url = QLineEdit(_read("url"))
@@ -161,6 +211,15 @@ class GenfillDocker(DockWidget):
         self.setWidget(scroll)
 
         self.fill_button.clicked.connect(self.fill)
+        self.history.activated.connect(self._history_picked)
+        staging = self.controller.staging
+        staging.changed.connect(self._show_staging)
+        self.strip.currentRowChanged.connect(lambda row: row >= 0 and staging.show(row))
+        self.apply_button.clicked.connect(lambda: staging.apply(self.apply_as.currentData()))
+        self.discard_button.clicked.connect(staging.discard)
+        self.regenerate_button.clicked.connect(lambda: self.again(same_seed=False))
+        self.again_button.clicked.connect(lambda: self.again(same_seed=True))
+        self.from_layer_button.clicked.connect(self.from_layer)
         self.cancel_button.clicked.connect(self.controller.cancel)
         self.refresh_button.clicked.connect(self.refresh_catalogue)
         self.mode.currentTextChanged.connect(self._mode_changed)
@@ -173,6 +232,7 @@ class GenfillDocker(DockWidget):
         self._catalogue.connect(self._show_catalogue)
         self._mode_changed(self.mode.currentText())
         self._fill_catalogue(None)
+        self._show_staging()
         self._timer = QTimer(self)
         self._timer.timeout.connect(self._refresh_if_visible)
         self._timer.start(CATALOGUE_REFRESH_S * 1000)
@@ -189,7 +249,7 @@ class GenfillDocker(DockWidget):
         mode = self.mode.currentText()
         margins = Margins(**{side: box.value() for side, box in self.margins.items()}) if mode == "expand" else Margins()
         return FillOptions(
-            prompt=self.prompt.text(),
+            prompt=self.prompt.toPlainText().strip(),
             negative_prompt=self.negative_prompt.text(),
             mode=mode,
             engine=self.engine.currentData() or None,
@@ -208,8 +268,32 @@ class GenfillDocker(DockWidget):
         except ValueError as exc:
             self._finished(False, str(exc))
             return False
+        self._remember(options.prompt)
         return self.controller.start(Krita.instance().activeDocument(), options, self.settings())
 
+    def again(self, *, same_seed: bool) -> bool:
+        """Regenerate (new seeds, replacing the strip's variations) or "Again with seed"."""
+        staging = self.controller.staging
+        if not staging.active:
+            self._finished(False, "Nothing to run again: fill first.")
+            return False
+        options, source = staging.again(same_seed=same_seed, variations=self.variations.value())
+        return self.controller.start(staging.document, options, self.settings(), node=source,
+                                     replaces=None if same_seed else staging.group)
+
+    def from_layer(self) -> bool:
+        """Fills again with the parameters kept in the active layer (new seeds; the seed is
+        kept when Seed is not "random")."""
+        document = Krita.instance().activeDocument()
+        record = record_of(document, document.activeNode()) if document is not None else None
+        if record is None:
+            self._finished(False, "The active layer has no genfill parameters: pick a layer a fill made.")
+            return False
+        seed = None if self.seed.value() < 0 else record.seed
+        options = record.options(seed=seed, variations=1 if seed is not None else self.variations.value())
+        self._show_record(record)
+        source = find_layer(document, record.source_layer) if record.source_layer else None
+        return self.controller.start(document, options, self.settings(), node=source)
     def refresh_catalogue(self, quiet: bool = False) -> None:
         """Asks the server for its engines and models on a worker thread. ``quiet``: keep the
         status line unless the list changed (automatic refreshes must not hide a result)."""
@@ -279,6 +363,41 @@ class GenfillDocker(DockWidget):
         self.engine.setCurrentIndex(max(self.engine.findData(engine), 0) if engine else 0)
         self.model.setCurrentIndex(max(self.model.findData(model), 0) if model else 0)
 
+    def _remember(self, prompt: str) -> None:
+        self._history = remember_prompt(self._history, prompt)
+        Krita.instance().writeSetting(SETTINGS_GROUP, "prompt_history", json.dumps(self._history))
+        self._show_history()
+
+    def _show_history(self) -> None:
+        self.history.clear()
+        self.history.addItem("(recent prompts)" if self._history else "(no prompts yet)", "")
+        for prompt in self._history:
+            self.history.addItem(" ".join(prompt.split())[:80], prompt)
+
+    def _history_picked(self, index: int) -> None:
+        prompt = self.history.itemData(index)
+        if prompt:
+            self.prompt.setPlainText(prompt)
+
+    def _show_record(self, record) -> None:
+        self.prompt.setPlainText(record.prompt)
+        self.negative_prompt.setText(record.negative_prompt)
+        self.mode.setCurrentText(record.mode)
+
+    def _show_staging(self) -> None:
+        staging = self.controller.staging
+        self.strip.blockSignals(True)
+        self.strip.clear()
+        for index, (icon, record) in enumerate(zip(staging.thumbnails, staging.records)):
+            item = QListWidgetItem(icon, f"{index + 1}")
+            item.setToolTip(record.describe())
+            self.strip.addItem(item)
+        if staging.active:
+            self.strip.setCurrentRow(staging.shown)
+        self.strip.blockSignals(False)
+        for button in (self.apply_button, self.apply_as, self.discard_button, self.regenerate_button, self.again_button):
+            button.setEnabled(staging.active)
+
     def _mode_changed(self, mode: str) -> None:
         self.margin_widget.setEnabled(mode == "expand")
 
@@ -299,6 +418,14 @@ class GenfillDocker(DockWidget):
         self.status_label.setText(text)
         if ok:
             self.refresh_catalogue(quiet=True)
+
+
+def _read_history() -> list[str]:
+    try:
+        history = json.loads(_read("prompt_history") or "[]")
+    except ValueError:
+        return []
+    return [item for item in history if isinstance(item, str)] if isinstance(history, list) else []
 
 
 def _read(key: str) -> str:

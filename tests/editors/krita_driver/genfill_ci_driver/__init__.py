@@ -74,6 +74,11 @@ def _shots(job, out, docker, window, label):
     docker.grab().save(docker_png)
     window.qwindow().grab().save(window_png)
     out.setdefault("screenshots", []).extend([docker_png, window_png])
+    scroll = docker.findChild(QScrollArea)
+    if scroll is not None:  # the whole docker, as if it had all the height it wants
+        content_png = os.path.join(folder, f"docker-content-{label}.png")
+        scroll.widget().grab().save(content_png)
+        out["screenshots"].append(content_png)
 
 
 def _reachable(docker, widget):
@@ -146,7 +151,7 @@ def _play(job, out):
             yield 300
         active = document.activeNode()
         record["active"] = [active.name(), active.type()] if active is not None else None
-        docker.prompt.setText(fill.get("prompt", ""))
+        docker.prompt.setPlainText(fill.get("prompt", ""))
         docker.variations.setValue(fill.get("variations", job.get("variations", 1)))
         docker.seed.setValue(fill.get("seed", job.get("seed", -1)))
         finished = {}
@@ -163,6 +168,8 @@ def _play(job, out):
         docker.controller.finished.disconnect(on_finished)
         record.update(finished)
         record["status_label"] = docker.status_label.text()
+        record["strip"] = docker.strip.count()
+        record["history"] = [docker.history.itemText(i) for i in range(docker.history.count())]
         document.waitForDone()
         record["groups"] = _groups(document)
         if index == 0:
