@@ -162,6 +162,22 @@ def test_fill_from_the_pdb_adds_layers_at_the_selection(server, workdir):
     assert not np.array_equal(exported[mask > 0], canvas[mask > 0]), "the selection was not filled"
 
 
+def test_result_layers_keep_their_parameters_in_the_xcf(server, workdir):
+    from genfill_bridge.metadata import from_json
+
+    args = {"prompt": "moss\non stone", "variations": 2, "seed": 21, "server-url": server.url, "server-token": server.token}
+    out = _batch(workdir, "python-fu-genfill-fill", args, xcf=str(workdir.inside / "saved.xcf"), export=None)
+    assert out["status"] == "success", out.get("message")
+    [group] = out["groups"]
+    records = [from_json(child["parameters"])["layer"] for child in group["children"]]
+    assert [record.seed for record in records] == [21, 22]
+    for record in records:
+        assert (record.prompt, record.mode, record.engine, tuple(record.box), record.source_layer) == (
+            "moss\non stone", "fill", "classic", SELECTION, "photo")
+    assert out["xcf_saved"] is True
+    assert out["reopened_parameters"] == [child["parameters"] for child in group["children"]]
+
+
 def test_expand_from_the_pdb_grows_the_canvas(server, workdir):
     args = {"left": 0, "right": 9, "top": 4, "bottom": 0, "variations": 1, "seed": 3,
             "server-url": server.url, "server-token": server.token}

@@ -49,9 +49,20 @@ try:
             path = os.path.join(job["workdir"], f"variation-{index}.rgba")
             with open(path, "wb") as file:
                 file.write(bytes(child.get_buffer().get(Gegl.Rectangle.new(0, 0, w, h), 1.0, "R'G'B'A u8", Gegl.AbyssPolicy.NONE)))
-            children.append({"name": child.get_name(), "visible": child.get_visible(), "box": [x, y, w, h], "dump": path})
+            parasite = child.get_parasite("genfill")
+            record = bytes(parasite.get_data()).decode() if parasite is not None else None
+            children.append({"name": child.get_name(), "visible": child.get_visible(), "box": [x, y, w, h], "dump": path,
+                             "parameters": record})
         groups.append({"name": top.get_name(), "children": children})
     out["groups"] = groups
+    if job.get("xcf"):
+        xcf = Gio.File.new_for_path(job["xcf"])
+        out["xcf_saved"] = bool(Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, image, xcf, None))
+        reopened = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, xcf)
+        out["reopened_parameters"] = [
+            bytes(child.get_parasite("genfill").get_data()).decode() if child.get_parasite("genfill") else None
+            for top in reopened.get_layers() if top.is_group() for child in top.get_children()
+        ]
     if job.get("export"):
         out["exported"] = bool(Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, image, Gio.File.new_for_path(job["export"]), None))
 except Exception:  # noqa: BLE001 - reported to the test

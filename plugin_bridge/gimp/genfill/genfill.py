@@ -47,6 +47,7 @@ class GimpDocument(gb.Document):
     def __init__(self, image, drawable):
         self.image = image
         self.drawable = drawable
+        self.inserted = []
 
     def size(self):
         return gb.Size(self.image.get_width(), self.image.get_height())
@@ -108,12 +109,26 @@ class GimpDocument(gb.Document):
                 layer.set_offsets(box.x, box.y)
                 layer.set_visible(index == 0)
                 layer.update(0, 0, box.width, box.height)
+                self.inserted.append(layer)
             # GIMP would leave the last variation (hidden, inside the group) selected; the group
             # is what the painter sees, as in Krita, and a next Fill reads it as it looks.
             image.set_selected_layers([group])
         finally:
             image.undo_group_end()
         Gimp.displays_flush()
+
+
+def keep_parameters(document, prepared, result):
+    """Attaches each variation's parameters to its layer as a persistent parasite (saved in
+    the .xcf), the JSON of ``genfill_bridge.metadata``."""
+    from genfill_bridge.metadata import ANNOTATION_TYPE, FillRecord, to_json
+
+    source = document.drawable.get_name() if document.drawable is not None else ""
+    for layer, variation in zip(document.inserted, result.variations):
+        record = FillRecord.of(prepared.options, engine=result.engine, model=result.model, seed=variation.seed,
+                               box=result.box, source_layer=source)
+        data = to_json({"layer": record}).encode("utf-8")
+        layer.attach_parasite(Gimp.Parasite.new(ANNOTATION_TYPE, Gimp.PARASITE_PERSISTENT | Gimp.PARASITE_UNDOABLE, data))
 
 
 def _rect(box):
@@ -161,6 +176,7 @@ def _run(procedure, run_mode, image, drawables, config, data):
         prepared = gb.prepare(document, options)
         result = gb.run(prepared, settings, on_event=_show_progress)
         name = gb.apply(document, prepared, result)
+        keep_parameters(document, prepared, result)
     except gb.JobCancelled:
         return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     except Exception as exc:  # noqa: BLE001 - GIMP must get a message, not a crash
@@ -232,6 +248,7 @@ def _run_dialog(procedure, config, document, settings, is_expand):
             return _failed(procedure, error, interactive=True)
         try:
             name = gb.apply(document, prepared, outcome["result"])
+            keep_parameters(document, prepared, outcome["result"])
         except Exception as exc:  # noqa: BLE001 - GIMP must get a message, not a crash
             return _failed(procedure, exc, interactive=True)
         _done(name, outcome["result"])
