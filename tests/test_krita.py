@@ -361,3 +361,10 @@ def test_staging_strip_regenerate_apply_and_parameters_after_reopen(server, tmp_
     assert out["repeat"]["ok"] is True and out["repeat_same_pixels"] is True
     assert out["groups_after_discard"] == ["sea at dusk", "sea at dusk"]
     assert out["groups_after_flatten"] == ["sea at dusk", "sea at dusk"] and out["flattened_changed"] is True
+
+
+def test_a_group_layer_is_read_as_it_looks(server, tmp_path, template_home):
+    out = _kritarunner("group_source", {"url": server.url, "token": server.token}, tmp_path, template_home)
+    assert out["pixel_data_of_group"] == 0, "Krita gives a group's pixels now: the projection path is untested"
+    assert out["ok"] is True, out["text"]
+    assert [group["name"] for group in out["groups"]] == ["painting", "genfill fill"]  # bottom first

@@ -288,7 +288,27 @@ def scenario_staging(job, out):
     reopened.close()
 
 
+def scenario_group_source(job, out):
+    """A painter's own group active (not a fill's result): read as it looks, its projection."""
+    from genfill_krita.genfill_bridge import FillOptions, ServerSettings
+
+    document, layer = make_document(job)
+    group = document.createGroupLayer("painting")
+    copy = layer.duplicate()
+    group.addChildNode(copy, None)
+    document.rootNode().addChildNode(group, layer)
+    layer.setVisible(False)
+    document.waitForDone()
+    out["pixel_data_of_group"] = len(bytes(group.pixelData(0, 0, 4, 4)))
+    _, outcome = run_controller(document, group, FillOptions(variations=1, seed=4),
+                                ServerSettings(url=job["url"], token=job["token"]))
+    out.update(outcome)
+    out["groups"] = describe_layers(document)
+    document.close()
+
+
 SCENARIOS = {
+    "group_source": scenario_group_source,
     "staging": scenario_staging,
     "fill": scenario_fill,
     "expand": scenario_expand,
