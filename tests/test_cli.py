@@ -67,6 +67,7 @@ def test_serve_fill_models_and_clean_shutdown(tmp_path):
         models = genfill("models", env=env)
         assert models.returncode == 0, models.stderr
         assert "default engine: classic" in models.stdout
+        assert "ignores the prompt; takes no options; runs on cpu" in models.stdout
         image, mask_path, canvas, mask = write_inputs(tmp_path)
         filled = genfill("fill", str(image), "--mask", str(mask_path), "--variations", "1",
                          "-o", str(tmp_path / "out.png"), env=env)

@@ -214,6 +214,11 @@ def _models(args: argparse.Namespace) -> int:
             print(f"default engine: {catalogue['default_engine']}")
             for engine in catalogue["engines"]:
                 print(f"engine {engine['name']}: {', '.join(engine['modes'])} - {engine['description']}")
+                capabilities = engine.get("capabilities")
+                if capabilities:
+                    takes = ", ".join(capabilities["options"] + capabilities["reference_roles"]) or "no options"
+                    prompt = "uses the prompt" if capabilities["prompt"] else "ignores the prompt"
+                    print(f"  {prompt}; takes {takes}; runs on {capabilities['device_kind']}")
             for model in catalogue["models"]:
                 print(f"model {model['name']} ({model['architecture']}, {model['engine']}, from {model['source']})")
             if not catalogue["models"]:

@@ -3,7 +3,8 @@
 diffusers' inpaint pipelines binarize the mask, have no cancel and decode previews only
 through the VAE. This engine takes the components of an already built pipeline
 (``StableDiffusionInpaintPipeline``, ``StableDiffusionPipeline``, and their XL twins) and runs
-the loop itself:
+the loop itself (``denoise``, with the schedulers of ``schedulers`` and the prompt
+embeddings of ``conditioning``):
 
 - **Differential denoising** keeps soft masks soft (Levin & Fried, "Differential Diffusion",
   2023). With ``m`` in [0, 1] the denoise mask at latent resolution and ``N`` steps, a latent
@@ -42,15 +43,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
+import functools
 import logging
 import os
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -68,64 +66,17 @@ from .base import (
     StepCallback,
     torch_errors,
 )
+from .conditioning import Conditioning, PromptCache, encode_prompt
+from .denoise import Batch, Part, denoise
 from .graphs import GraphedStep, compiler_for, graphs_enabled
-from .latent_preview import preview_due, preview_rgb
 from .prefill import prefill
+from .schedulers import SCHEDULERS, make_scheduler, noise_coefficients
 
 logger = logging.getLogger("genfill.engines.sd_inpaint")
 
+# The scheduler names stay importable from here, where they were defined before
+# ``schedulers`` held them.
 __all__ = ["SCHEDULERS", "SDInpaintEngine", "make_scheduler", "noise_coefficients"]
-
-SCHEDULERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "unipc")
-"""Scheduler names a request may ask for (``FillRequest.scheduler``)."""
-
-
-def make_scheduler(name: str, config: Any):
-    """A fresh scheduler of kind ``name`` built from a model's own scheduler ``config``, so
-    its training betas and prediction type (epsilon or v for SD2-768) carry over.
-
-    Raises:
-        EngineError: ``invalid_request`` for an unknown name.
-    """
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-        UniPCMultistepScheduler,
-    )
-
-    if name == "ddim":
-        return DDIMScheduler.from_config(config, set_alpha_to_one=False)
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(config)
-    if name == "euler_a":
-        return EulerAncestralDiscreteScheduler.from_config(config)
-    if name == "dpmpp_2m":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-    if name == "dpmpp_2m_karras":
-        return DPMSolverMultistepScheduler.from_config(
-            config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True
-        )
-    if name == "unipc":
-        return UniPCMultistepScheduler.from_config(config)
-    raise EngineError(ErrorCode.INVALID_REQUEST, f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-
-
-def noise_coefficients(scheduler: Any, timestep: torch.Tensor, timesteps_host: torch.Tensor) -> tuple[float, float]:
-    """``(a, b)`` such that ``scheduler.add_noise(x0, noise, timestep)`` is ``a * x0 + b *
-    noise`` in the scheduler's present state (it is linear in both for every scheduler
-    here). ``timestep`` is a 1-element host tensor and ``timesteps_host`` a host copy of
-    ``scheduler.timesteps``, which stands in for them meanwhile: worked out on the host, the
-    coefficients never wait for the device, where ``add_noise`` on device tensors copies the
-    schedule across, and so waits for the device, at every call."""
-    one, zero = torch.ones(1), torch.zeros(1)
-    timesteps = scheduler.timesteps
-    scheduler.timesteps = timesteps_host
-    try:
-        return float(scheduler.add_noise(one, zero, timestep)), float(scheduler.add_noise(zero, one, timestep))
-    finally:
-        scheduler.timesteps = timesteps
 
 
 _STRENGTH = {"fill": 1.0, "expand": 1.0, "add": 1.0, "remove": 1.0}
@@ -141,50 +92,12 @@ _BATCHED_ENCODE_PIXELS = 768 * 768
 _BATCHED_ENCODE_ROWS = 16
 """The most images one encoder call takes when ``run_many`` encodes several jobs together."""
 
-_BATCHED_DECODE_LATENT_PIXELS = 8 * 64 * 64
-"""``run_many`` decodes every job's latents in one decoder call up to this many latent
-pixels in all (eight 512x512 images at SD's factor of 8); larger batches decode job by job."""
-
 _PREFILL_POOL = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="genfill-prefill")
 
 
 def default_dtype(device: str) -> torch.dtype:
     """fp16 on CUDA (bf16 where the caller asks), fp32 elsewhere: CPU half is slow and lossy."""
     return torch.float16 if str(device).startswith("cuda") else torch.float32
-
-
-@dataclass
-class _Batch:
-    """One job's prepared tensors, shared by every chunk of its variations."""
-
-    x0: torch.Tensor  # (1, C, h, w) original latents, in the denoiser's space
-    m: torch.Tensor  # (1, 1, h, w) denoise mask in [0, 1]
-    inpaint_cond: torch.Tensor | None  # (1, 1 + C, h, w) mask and masked-image latents
-    embeds: torch.Tensor  # (2 or 1, L, D): negative first when guiding
-    added: dict[str, torch.Tensor] | None  # SDXL micro-conditioning, batch as embeds
-    guidance: float
-    scheduler_name: str
-    steps: int
-    strength: float
-    m_host: torch.Tensor | None = None  # ``m`` on the CPU, to decide each step without a sync
-
-    def batch_key(self) -> tuple:
-        """Jobs with equal keys can share one denoising batch."""
-        return (tuple(self.x0.shape[1:]), self.x0.dtype, self.inpaint_cond is not None, tuple(self.embeds.shape[1:]),
-                self.added is None, self.guidance, self.scheduler_name, self.steps, self.strength)
-
-
-@dataclass
-class _Part:
-    """The rows of one job (or one chunk of its variations) in a denoising batch."""
-
-    batch: _Batch
-    seeds: list[int]
-    on_step: StepCallback
-    chunk_index: int = 0
-    chunk_count: int = 1
-    images: list[np.ndarray] = field(default_factory=list)
-    error: BaseException | None = None
 
 
 class SDInpaintEngine:
@@ -262,9 +175,8 @@ class SDInpaintEngine:
         self.encode_runner = GraphedStep(self._vae_encode, enabled=False, compiler=compiler, name="VAE encoder")
         self.decode_runner = GraphedStep(self._vae_decode, enabled=False, compiler=compiler, name="VAE decoder")
         self._check_vae = False
-        self._prompts: OrderedDict[tuple, tuple[torch.Tensor, dict[str, torch.Tensor] | None]] = OrderedDict()
+        self._prompts = PromptCache(self._PROMPT_CACHE_SIZE)
         self._schedulers: dict[str, Any] = {}
-        self._prompt_lock = threading.Lock()
 
     # Engine protocol
 
@@ -360,7 +272,7 @@ class SDInpaintEngine:
                 while done < len(seeds):
                     chunk = seeds[done : done + limit]
                     chunk_count = chunks_run + _chunks(len(seeds) - done, limit)
-                    part = _Part(batch, chunk, on_step, chunks_run, chunk_count)
+                    part = Part(batch, chunk, on_step, chunks_run, chunk_count)
                     try:
                         self._denoise([part], control)
                     except torch.cuda.OutOfMemoryError:
@@ -406,14 +318,14 @@ class SDInpaintEngine:
         """
         self._check_loaded()
         outcomes: list[list[np.ndarray] | BaseException | None] = [None] * len(jobs)
-        parts: list[tuple[int, _Part]] = []
+        parts: list[tuple[int, Part]] = []
         with torch.inference_mode():
             try:
                 for index, prepared in enumerate(self._prepare_jobs(jobs)):
                     if isinstance(prepared, BaseException):
                         outcomes[index] = prepared
                     else:
-                        parts.append((index, _Part(prepared, self._seeds(jobs[index]), on_steps[index])))
+                        parts.append((index, Part(prepared, self._seeds(jobs[index]), on_steps[index])))
                 keys = {part.batch.batch_key() for _, part in parts}
                 if len(keys) > 1:
                     raise ValueError("run_many needs jobs of one batch key")
@@ -484,7 +396,7 @@ class SDInpaintEngine:
 
     # Steps of a run
 
-    def _prepare_job(self, job: EngineJob) -> _Batch:
+    def _prepare_job(self, job: EngineJob) -> Batch:
         mode, prefilled = self._start_prefill(job)
         return self._prepare(job, prefilled.result(), job.options, mode)
 
@@ -501,12 +413,12 @@ class SDInpaintEngine:
         mode = str(job.options.mode)
         return mode, job.prefilled or _PREFILL_POOL.submit(prefill, image, np.asarray(job.selection), mode)
 
-    def _prepare_jobs(self, jobs: Sequence[EngineJob]) -> list[_Batch | BaseException]:
+    def _prepare_jobs(self, jobs: Sequence[EngineJob]) -> list[Batch | BaseException]:
         """``_prepare_job`` for each job of a ``run_many`` batch, or the request error that
         ends it. The pre-fills (numpy) run side by side on helper threads, and the images
         of small jobs go through the VAE encoder in one batch instead of one call a job,
         so the device waits for neither."""
-        outcomes: list[_Batch | BaseException | None] = [None] * len(jobs)
+        outcomes: list[Batch | BaseException | None] = [None] * len(jobs)
         pending: list[tuple[int, EngineJob, str, Future]] = []
         for index, job in enumerate(jobs):
             try:
@@ -556,7 +468,7 @@ class SDInpaintEngine:
 
     def _prepare(
         self, job: EngineJob, prefilled: np.ndarray, options: EngineOptions, mode: str, encoded: torch.Tensor | None = None
-    ) -> _Batch:
+    ) -> Batch:
         # Resolved by the pipeline (``EngineOptions.resolve``); the fallbacks serve a job
         # built with bare ``EngineOptions()``.
         defaults = self.defaults
@@ -596,7 +508,7 @@ class SDInpaintEngine:
         embeds, added = self._encode_prompt(
             options.prompt, options.negative_prompt, do_cfg, prefilled.shape[:2]
         )
-        return _Batch(x0, m, inpaint_cond, embeds, added, guidance, scheduler_name, steps, strength, m_host)
+        return Batch(x0, m, inpaint_cond, embeds, added, guidance, scheduler_name, steps, strength, m_host)
 
     def _vae(self, call: Callable[[Any], torch.Tensor]) -> torch.Tensor:
         """``call(vae)``, in fp16 while a VAE that asks for fp32 gives finite results; at its
@@ -634,61 +546,15 @@ class SDInpaintEngine:
 
     def _encode_prompt(
         self, prompt: str, negative: str, do_cfg: bool, size: tuple[int, int]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """The prompt's embeddings, from a small cache: artists repeat prompts, and SDXL's two
-        text encoders cost tens of milliseconds a job."""
+    ) -> Conditioning:
+        """The prompt's embeddings (``conditioning.encode_prompt``), from this engine's cache."""
         key = (prompt, negative, do_cfg, tuple(size) if self.family == "sdxl" else None, self.dtype)
-        with self._prompt_lock:
-            cached = self._prompts.get(key)
-            if cached is not None:
-                self._prompts.move_to_end(key)
-                return cached
-        encoded = self._encode_prompt_uncached(prompt, negative, do_cfg, size)
-        with self._prompt_lock:
-            self._prompts[key] = encoded
-            while len(self._prompts) > self._PROMPT_CACHE_SIZE:
-                self._prompts.popitem(last=False)
-        return encoded
-
-    def _encode_prompt_uncached(
-        self, prompt: str, negative: str, do_cfg: bool, size: tuple[int, int]
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        pipe = self.pipeline
-        device = self._exec_device
-        if self.family == "sd15":
-            positive, negative_embeds = pipe.encode_prompt(
-                prompt, device, 1, do_cfg, negative_prompt=negative or None
-            )
-            embeds = torch.cat([negative_embeds, positive]) if do_cfg else positive
-            return embeds.to(self.dtype), None
-        positive, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
-            prompt=prompt,
-            device=device,
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=do_cfg,
-            negative_prompt=negative or None,
+        return self._prompts.get(
+            key,
+            lambda: encode_prompt(
+                self.pipeline, self.family, prompt, negative, do_cfg, size, device=self._exec_device, dtype=self.dtype
+            ),
         )
-        height, width = size
-        time_ids = self._time_ids(height, width, aesthetic=6.0)
-        if do_cfg:
-            embeds = torch.cat([negative_embeds, positive])
-            text_embeds = torch.cat([negative_pooled, pooled])
-            time_ids = torch.cat([self._time_ids(height, width, aesthetic=2.5), time_ids])
-        else:
-            embeds, text_embeds = positive, pooled
-        added = {"text_embeds": text_embeds.to(self.dtype), "time_ids": time_ids.to(device, self.dtype)}
-        return embeds.to(self.dtype), added
-
-    def _time_ids(self, height: int, width: int, *, aesthetic: float) -> torch.Tensor:
-        """SDXL micro-conditioning: original size, crop origin and target size; a refiner-
-        style UNet (5 numbers) takes an aesthetic score instead of the target size."""
-        unet = self.pipeline.unet
-        expected = unet.add_embedding.linear_1.in_features
-        pooled_dim = expected - 6 * unet.config.addition_time_embed_dim
-        values = [height, width, 0, 0, height, width]
-        if pooled_dim != self.pipeline.text_encoder_2.config.projection_dim:
-            values = [height, width, 0, 0, aesthetic]
-        return torch.tensor([values], dtype=torch.float32)
 
     def _unet_step(
         self,
@@ -718,120 +584,20 @@ class SDInpaintEngine:
             noise_pred = uncond + guidance * (cond - uncond)
         return noise_pred
 
-    def _denoise(self, parts: list[_Part], control: Any) -> None:
-        """Denoises every part's rows in one batch; fills each part's ``images`` or ``error``.
-
-        ``JobCancelledError`` from a part's ``on_step`` ends that part (no more callbacks, its
-        rows discarded); the loop stops, before its next UNet call, once no part is left.
-        """
-        device = self._exec_device
+    def _denoise(self, parts: list[Part], control: Any) -> None:
+        """``denoise.denoise`` on this engine's UNet step, VAE decoder and a fresh scheduler of
+        the parts' kind; ``control`` is what ``_prepare_control`` returned (``None``: none)."""
         first = parts[0].batch
-        scheduler = self._fresh_scheduler(first.scheduler_name)
-        scheduler.set_timesteps(first.steps, device=device)
-        init_steps = min(max(int(first.steps * first.strength), 1), first.steps)
-        start = (first.steps - init_steps) * scheduler.order
-        timesteps = scheduler.timesteps[start:]
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(start)
-        total_steps = len(timesteps)
-        timesteps_host = scheduler.timesteps.cpu()
-        seeds = [seed for part in parts for seed in part.seeds]
-        counts = [len(part.seeds) for part in parts]
-        size = len(seeds)
-        offsets = np.cumsum([0, *counts]).tolist()
-        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        shape = tuple(first.x0.shape[1:])
-        noise = torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
-        noise = noise.to(device, self.dtype)
-
-        def rows(tensors: list[torch.Tensor]) -> torch.Tensor:
-            if len(tensors) == 1:
-                return tensors[0].expand(counts[0], *tensors[0].shape[1:])
-            return torch.cat([t.expand(n, *t.shape[1:]) for t, n in zip(tensors, counts)])
-
-        x0 = rows([part.batch.x0 for part in parts])
-        m = rows([part.batch.m for part in parts])
-        m_host = [part.batch.m_host for part in parts]
-        if first.strength >= 1.0:
-            latents = noise * scheduler.init_noise_sigma
-        else:
-            latents = scheduler.add_noise(x0, noise, timesteps[:1].repeat(size))
-        guiding = first.guidance > 1.0
-        guidance = torch.tensor(first.guidance, device=device, dtype=self.dtype) if guiding else None
-        if guiding:
-            embeds = torch.cat([rows([p.batch.embeds[:1] for p in parts]), rows([p.batch.embeds[1:] for p in parts])])
-        else:
-            embeds = rows([p.batch.embeds for p in parts]).contiguous()
-        added = None
-        if first.added is not None:
-            added = {}
-            for key in first.added:
-                if guiding:
-                    added[key] = torch.cat([
-                        rows([p.batch.added[key][:1] for p in parts]), rows([p.batch.added[key][1:] for p in parts])
-                    ])
-                else:
-                    added[key] = rows([p.batch.added[key] for p in parts]).contiguous()
-        inpaint_cond = None
-        if first.inpaint_cond is not None:
-            cond_rows = rows([part.batch.inpaint_cond for part in parts])
-            inpaint_cond = torch.cat([cond_rows, cond_rows]) if guiding else cond_rows.contiguous()
-        step_kwargs = {"generator": generators} if "generator" in inspect.signature(scheduler.step).parameters else {}
-        live = list(range(len(parts)))
-        try:
-            for i, t in enumerate(timesteps):
-                threshold = 1.0 - (i + 1) / total_steps
-                if not all(bool((host > threshold).all()) for host in m_host if host is not None):
-                    active = (m > threshold).to(latents.dtype)
-                    keep_scale, noise_scale = noise_coefficients(
-                        scheduler, timesteps_host[start + i].reshape(1), timesteps_host
-                    )
-                    noised = x0 * keep_scale + noise * noise_scale
-                    latents = active * latents + (1 - active) * noised
-                scaled = scheduler.scale_model_input(latents, t)
-                residuals = None
-                if control is not None:
-                    model_in = torch.cat([scaled, scaled]) if guiding else scaled
-                    residuals = self._control_residuals(control, i, total_steps, model_in, t, embeds, added, size)
-                noise_pred = self.step_runner(scaled, t, inpaint_cond, embeds, added, residuals, guidance)
-                out = scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=True)
-                latents = out.prev_sample
-                previews: list[np.ndarray | None] = [None] * len(parts)
-                if preview_due(i + 1, total_steps):
-                    x0_pred = getattr(out, "pred_original_sample", None)
-                    source = latents if x0_pred is None else x0_pred
-                    firsts = source[[offsets[index] for index in live]].float().cpu().numpy()
-                    for index, latent in zip(live, firsts):
-                        previews[index] = preview_rgb(latent, self.family)
-                for index in list(live):
-                    part = parts[index]
-                    try:
-                        # Progress counts the steps of every chunk of variations.
-                        part.on_step(part.chunk_index * total_steps + i + 1, part.chunk_count * total_steps, previews[index])
-                    except JobCancelledError as exc:
-                        part.error = exc
-                        live.remove(index)
-                if not live:
-                    return
-            keep = (m > 0).to(latents.dtype)
-            latents = keep * latents + (1 - keep) * x0
-            live_rows = sum(counts[index] for index in live)
-            if len(live) > 1 and live_rows * latents.shape[-1] * latents.shape[-2] <= _BATCHED_DECODE_LATENT_PIXELS:
-                # One decoder call and one copy to the host for every job of the batch.
-                if len(live) == len(parts):
-                    images = self._decode(latents)
-                else:
-                    rows_of = [torch.arange(offsets[index], offsets[index + 1]) for index in live]
-                    images = self._decode(latents[torch.cat(rows_of).to(latents.device)])
-                start = 0
-                for index in live:
-                    parts[index].images = images[start : start + counts[index]]
-                    start += counts[index]
-            else:
-                for index in live:
-                    parts[index].images = self._decode(latents[offsets[index] : offsets[index + 1]])
-        finally:
-            del latents, noise
+        denoise(
+            parts,
+            self._fresh_scheduler(first.scheduler_name),
+            step=self.step_runner,
+            decode=self._decode,
+            control_residuals=None if control is None else functools.partial(self._control_residuals, control),
+            device=self._exec_device,
+            dtype=self.dtype,
+            family=self.family,
+        )
 
     # Hooks for the ControlNet engine
 
