@@ -11,10 +11,8 @@ GIMP's UI library cannot start (a test without a GIMP core).
 import gi
 
 gi.require_version("Gtk", "3.0")
-from gi.repository import Gtk  # noqa: E402
-
-import genfill_bridge as gb  # noqa: E402
 from genfill_bridge.catalogue import choices  # noqa: E402
+from gi.repository import Gtk  # noqa: E402
 
 FILL_MODES = ("fill", "add", "remove")
 SIDES = (("left", "_Left"), ("right", "Ri_ght"), ("top", "_Top"), ("bottom", "Botto_m"))

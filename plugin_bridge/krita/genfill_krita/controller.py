@@ -16,8 +16,8 @@ import threading
 from PyQt5.QtCore import QObject, pyqtSignal
 
 from .adapter import KritaDocument
-from .staging import Staging, find_layer, record_of
 from .genfill_bridge import BridgeError, FillOptions, JobCancelled, ServerSettings, apply, prepare, result_warnings, run
+from .staging import Staging, find_layer, record_of
 
 
 class FillController(QObject):
