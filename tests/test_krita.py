@@ -300,7 +300,8 @@ def test_second_fill_with_the_new_group_active_fills_again(painter_session):
     assert first["ok"] is True, first["text"]
     assert second["active"] == ["a calm sea", "grouplayer"]
     assert second["ok"] is True, second["text"]
-    assert sorted(group["name"] for group in second["groups"]) == ["a calm sea", "rocks"]
+    # Above the group that was active (bottom first), so the new result is what shows.
+    assert [group["name"] for group in second["groups"]] == ["a calm sea", "rocks"]
     # The group is a result: the layer it was made from is read, not its transparent patch.
     assert "Read the layer 'Background', which the fill 'a calm sea' was made from." in second["status_label"]
     assert first["strip"] == 2 and second["strip"] == 1, "the staging strip does not show the variations"
@@ -360,7 +361,10 @@ def test_staging_strip_regenerate_apply_and_parameters_after_reopen(server, tmp_
     assert out["reopened_source"] == "Background"
     assert out["repeat"]["ok"] is True and out["repeat_same_pixels"] is True
     assert out["groups_after_discard"] == ["sea at dusk", "sea at dusk"]
+    assert out["flatten"]["ok"] is True, out["flatten"]["text"]
+    assert out["flatten_order"] == ["Background", "sea at dusk", "sea at dusk", "sea at dusk"]
     assert out["groups_after_flatten"] == ["sea at dusk", "sea at dusk"] and out["flattened_changed"] is True
+    assert out["after_flatten_order"] == ["Background", "sea at dusk", "sea at dusk"]
 
 
 def test_a_group_layer_is_read_as_it_looks(server, tmp_path, template_home):

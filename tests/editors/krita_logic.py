@@ -276,14 +276,18 @@ def scenario_staging(job, out):
     out["groups_after_discard"] = [g["name"] for g in describe_layers(reopened)]
     before = bytes(source.pixelData(*box))
     staging_group = groups[0]
-    # Flatten: the kept variation merged into the layer below.
-    repeat = _wait_for(controller, lambda: controller.start(reopened, record.options(seed=None, variations=2),
-                                                           settings, node=source))
+    # Flatten, with an earlier result active: the new group lands above that result, and
+    # Apply flattened merges the kept variation into the layer the fill read, not the result.
+    flatten = _wait_for(controller, lambda: controller.start(reopened, record.options(seed=None, variations=2),
+                                                            settings, node=staging_group))
+    out["flatten"] = flatten
+    out["flatten_order"] = [node.name() for node in reopened.topLevelNodes() if node.type() != "selectionmask"]
     staging.apply(True)
     reopened.waitForDone()
     out["groups_after_flatten"] = [g["name"] for g in describe_layers(reopened)]
     flattened = [n for n in reopened.topLevelNodes() if n.type() == "paintlayer"]
     out["flattened_changed"] = bool(flattened) and bytes(flattened[0].pixelData(*box)) != before
+    out["after_flatten_order"] = [node.name() for node in reopened.topLevelNodes() if node.type() != "selectionmask"]
     out["staging_group_still_there"] = staging_group.name()
     reopened.close()
 

@@ -18,11 +18,13 @@ _PAINTABLE = ("paintlayer", "grouplayer", "filelayer", "filterlayer", "filllayer
 
 
 class KritaDocument(Document):
-    """Wraps a Krita document and the layer to read (``None``: the active layer)."""
+    """Wraps a Krita document and the layer to read (``None``: the active layer); the result
+    group goes above ``above`` (``None``: above the layer read)."""
 
-    def __init__(self, document, node=None) -> None:
+    def __init__(self, document, node=None, above=None) -> None:
         self.document = document
         self.node = node if node is not None else document.activeNode()
+        self.above = above if above is not None else self.node
         self.inserted_group = None
 
     def size(self) -> Size:
@@ -94,8 +96,9 @@ class KritaDocument(Document):
             layer.setVisible(index == 0)
             group.addChildNode(layer, below)
             below = layer
-        parent = self.node.parentNode() if self.node is not None and self.node.parentNode() is not None else document.rootNode()
-        parent.addChildNode(group, self.node if self.node is not None and self.node.parentNode() is not None else None)
+        above = self.above
+        placed = above is not None and above.parentNode() is not None
+        (above.parentNode() if placed else document.rootNode()).addChildNode(group, above if placed else None)
         document.waitForDone()
         document.refreshProjection()
         self.inserted_group = group

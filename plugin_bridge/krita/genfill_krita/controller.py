@@ -55,8 +55,10 @@ class FillController(QObject):
         if document is None:
             self.finished.emit(False, "Open an image first.")
             return False
-        node, note = _source_layer(document, node if node is not None else document.activeNode(), options)
-        adapter = KritaDocument(document, node)
+        active = node if node is not None else document.activeNode()
+        node, note = _source_layer(document, active, options)
+        # On top of what the painter has active, so a fill over an earlier result shows.
+        adapter = KritaDocument(document, node, above=active)
         try:
             prepared = prepare(adapter, options)
         except (BridgeError, ValueError) as exc:

@@ -113,7 +113,16 @@ class Staging(QObject):
             if position != self.shown:
                 layer.remove()
         if flatten:
-            self.group.mergeDown()
+            group = self.group
+            source = self.source
+            if source is not None and source.parentNode() is not None and _below(group) != layer_id(source):
+                # The group sits above what was active (an earlier result, say): move a copy
+                # right above the layer it was made from, so it merges into that layer.
+                moved = group.duplicate()
+                source.parentNode().addChildNode(moved, source)
+                group.remove()
+                group = moved
+            group.mergeDown()
         self.document.waitForDone()
         self.document.refreshProjection()
         self.clear()
@@ -135,6 +144,14 @@ class Staging(QObject):
         if same_seed:
             return record.options(seed=record.seed, variations=1), self.source
         return record.options(seed=None, variations=variations), self.source
+
+
+def _below(node) -> str:
+    """The id of the sibling right below ``node``, or ``""``."""
+    siblings = node.parentNode().childNodes() if node.parentNode() is not None else []
+    ids = [layer_id(sibling) for sibling in siblings]
+    index = ids.index(layer_id(node)) if layer_id(node) in ids else 0
+    return ids[index - 1] if index > 0 else ""
 
 
 def _thumbnail(rgba: bytes, width: int, height: int, size: int = 72) -> QIcon:
