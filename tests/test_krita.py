@@ -372,3 +372,26 @@ def test_a_group_layer_is_read_as_it_looks(server, tmp_path, template_home):
     assert out["pixel_data_of_group"] == 0, "Krita gives a group's pixels now: the projection path is untested"
     assert out["ok"] is True, out["text"]
     assert [group["name"] for group in out["groups"]] == ["painting", "genfill fill"]  # bottom first
+
+
+@pytest.fixture(scope="module")
+def diffusion_server(tmp_path_factory):
+    """A server with a tiny random-weight SD 1.5 inpainting model (runs on the CPU)."""
+    import tiny_models
+    from genfill_server.engines import default_engines
+
+    models = tmp_path_factory.mktemp("models")
+    tiny_models.tiny_sd15_inpaint(vae_attention=False).save_pretrained(models / "tiny-inpaint")
+    engines = default_engines(model_dirs=[models], hf_cache=False)
+    with BackgroundServer(ServerConfig(write_state_file=False), engines) as running:
+        yield running
+
+
+def test_previews_reach_the_docker_while_the_job_runs(diffusion_server, tmp_path, template_home):
+    out = _kritarunner("previews", {"url": diffusion_server.url, "token": diffusion_server.token,
+                                    "model": "tiny-inpaint", "steps": 4}, tmp_path, template_home)
+    assert out["ok"] is True, out["text"]
+    assert out["previews"], "no preview image reached the controller"
+    for size, width, height in out["previews"]:
+        assert width > 0 and height > 0 and size == width * height * 4
+    assert [group["name"] for group in out["groups"]] == ["a window"]

@@ -117,8 +117,10 @@ def run(
     on_event: Callable[[JobEvent], None] | None = None,
     cancel: threading.Event | None = None,
     trace: Trace | None = None,
+    previews: bool = False,
 ) -> JobResult:
     """Connects, runs the job, disconnects. Safe on any thread; see ``client`` for cancel.
+    With ``previews``, progress events carry the engine's preview images where it makes them.
 
     Raises:
         ServerNotRunning, TokenRejected, ConnectionLost, ProtocolMismatch, JobFailed, JobCancelled.
@@ -133,7 +135,8 @@ def run(
 
     with ServerConnection.from_settings(settings, trace=watch) as connection:
         result = connection.run(
-            prepared.frames, prepared.request, canvas=prepared.result_canvas, on_event=on_event, cancel=cancel
+            prepared.frames, prepared.request, canvas=prepared.result_canvas, on_event=on_event, cancel=cancel,
+            previews=previews,
         )
     if getattr(result, "warnings", None) is None and warnings:
         _PENDING_WARNINGS[result.job_id] = warnings

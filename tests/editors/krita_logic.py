@@ -311,7 +311,25 @@ def scenario_group_source(job, out):
     document.close()
 
 
+def scenario_previews(job, out):
+    """A diffusion job: the controller hands on the engine's preview images as they come."""
+    from genfill_krita.controller import FillController
+    from genfill_krita.genfill_bridge import FillOptions, ServerSettings
+
+    document, layer = make_document(job)
+    controller = FillController()
+    previews = []
+    controller.preview.connect(lambda rgba, width, height: previews.append([len(rgba), width, height]))
+    options = FillOptions(prompt="a window", model=job["model"], steps=job["steps"], variations=1, seed=3)
+    out.update(_wait_for(controller, lambda: controller.start(
+        document, options, ServerSettings(url=job["url"], token=job["token"]), node=layer)))
+    out["previews"] = previews
+    out["groups"] = describe_layers(document)
+    document.close()
+
+
 SCENARIOS = {
+    "previews": scenario_previews,
     "group_source": scenario_group_source,
     "staging": scenario_staging,
     "fill": scenario_fill,

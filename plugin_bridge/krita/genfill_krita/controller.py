@@ -25,6 +25,7 @@ class FillController(QObject):
 
     started = pyqtSignal()
     progress = pyqtSignal(int, int)
+    preview = pyqtSignal(bytes, int, int)
     status = pyqtSignal(str)
     finished = pyqtSignal(bool, str)
     _event = pyqtSignal(object)
@@ -79,7 +80,7 @@ class FillController(QObject):
 
     def _work(self, prepared, settings: ServerSettings, cancel: threading.Event) -> None:
         try:
-            result = run(prepared, settings, on_event=self._event.emit, cancel=cancel)
+            result = run(prepared, settings, on_event=self._event.emit, cancel=cancel, previews=True)
         except BridgeError as exc:
             self._done.emit(None, exc)
         except Exception as exc:  # noqa: BLE001 - the docker must show something, never hang
@@ -94,6 +95,8 @@ class FillController(QObject):
         elif event.kind == "progress":
             self.status.emit("Filling...")
             self.progress.emit(event.step, event.total)
+            if event.preview is not None and event.preview_size is not None:
+                self.preview.emit(event.preview, *event.preview_size)
 
     def _on_done(self, result, error) -> None:
         adapter, prepared, replaces = self._job

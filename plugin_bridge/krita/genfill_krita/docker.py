@@ -15,6 +15,7 @@ import threading
 
 from krita import DockWidget, Krita
 from PyQt5.QtCore import QSize, Qt, QTimer, pyqtSignal
+from PyQt5.QtGui import QImage, QPixmap
 from PyQt5.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -165,6 +166,11 @@ class GenfillDocker(DockWidget):
         self.strip.setIconSize(QSize(72, 72))
         self.strip.setFixedHeight(104)
         self.strip.setMovement(QListView.Static)
+        self.preview_label = QLabel()
+        self.preview_label.setAlignment(Qt.AlignCenter)
+        self.preview_label.setToolTip("What the engine has so far")
+        self.preview_label.hide()
+        result_layout.addWidget(self.preview_label)
         result_layout.addWidget(self.strip)
         self.apply_button = QPushButton("Apply")
         self.apply_as = QComboBox()
@@ -227,6 +233,7 @@ class GenfillDocker(DockWidget):
         self.token.editingFinished.connect(self._server_edited)
         self.controller.started.connect(self._started)
         self.controller.progress.connect(self._progress)
+        self.controller.preview.connect(self._show_preview)
         self.controller.status.connect(self.status_label.setText)
         self.controller.finished.connect(self._finished)
         self._catalogue.connect(self._show_catalogue)
@@ -398,6 +405,11 @@ class GenfillDocker(DockWidget):
         for button in (self.apply_button, self.apply_as, self.discard_button, self.regenerate_button, self.again_button):
             button.setEnabled(staging.active)
 
+    def _show_preview(self, rgba: bytes, width: int, height: int) -> None:
+        image = QImage(rgba, width, height, width * 4, QImage.Format_RGBA8888).copy()
+        self.preview_label.setPixmap(QPixmap.fromImage(image.scaled(200, 120, Qt.KeepAspectRatio, Qt.SmoothTransformation)))
+        self.preview_label.show()
+
     def _mode_changed(self, mode: str) -> None:
         self.margin_widget.setEnabled(mode == "expand")
 
@@ -411,6 +423,7 @@ class GenfillDocker(DockWidget):
         self.progress_bar.setValue(step)
 
     def _finished(self, ok: bool, text: str) -> None:
+        self.preview_label.hide()
         self.fill_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self.progress_bar.setRange(0, 1)
