@@ -166,7 +166,8 @@ def test_result_layers_keep_their_parameters_in_the_xcf(server, workdir):
     from genfill_bridge.metadata import from_json
 
     args = {"prompt": "moss\non stone", "variations": 2, "seed": 21, "server-url": server.url, "server-token": server.token}
-    out = _batch(workdir, "python-fu-genfill-fill", args, xcf=str(workdir.inside / "saved.xcf"), export=None)
+    out = _batch(workdir, "python-fu-genfill-fill", args, xcf=str(workdir.inside / "saved.xcf"), export=None,
+                 again={"same-seed": True, "server-url": server.url, "server-token": server.token})
     assert out["status"] == "success", out.get("message")
     [group] = out["groups"]
     records = [from_json(child["parameters"])["layer"] for child in group["children"]]
@@ -176,6 +177,11 @@ def test_result_layers_keep_their_parameters_in_the_xcf(server, workdir):
             "moss\non stone", "fill", "classic", SELECTION, "photo")
     assert out["xcf_saved"] is True
     assert out["reopened_parameters"] == [child["parameters"] for child in group["children"]]
+    # Again from This Layer, on the reopened file, with the second variation's seed: the same layer.
+    assert out["again_status"] == "success", out.get("again_message")
+    assert out["again_groups"] == [["moss on stone #1", 1], ["moss on stone", 2]]
+    assert out["again_box"] == list(SELECTION) and out["again_same_pixels"] is True
+    assert from_json(out["again_parameters"])["layer"].seed == 22
 
 
 def test_expand_from_the_pdb_grows_the_canvas(server, workdir):
@@ -253,7 +259,7 @@ def test_menu_entries_are_registered_in_the_running_gimp(workdir):
     code = (
         "import json; from gi.repository import Gimp; pdb = Gimp.get_pdb(); "
         f"json.dump({{n: [list(pdb.lookup_procedure(n).get_menu_paths()), pdb.lookup_procedure(n).get_menu_label()] "
-        f"for n in ('python-fu-genfill-fill', 'python-fu-genfill-expand')}}, open('{out}', 'w'))"
+        f"for n in ('python-fu-genfill-fill', 'python-fu-genfill-expand', 'python-fu-genfill-again')}}, open('{out}', 'w'))"
     )
     result = _gimp(workdir, workdir.host / "home", code)
     host = workdir.host / "menus.json"
@@ -262,10 +268,11 @@ def test_menu_entries_are_registered_in_the_running_gimp(workdir):
     assert menus == {
         "python-fu-genfill-fill": [["<Image>/Filters/Generative"], "_Fill..."],
         "python-fu-genfill-expand": [["<Image>/Filters/Generative"], "_Expand..."],
+        "python-fu-genfill-again": [["<Image>/Filters/Generative"], "_Again from This Layer"],
     }
     assert "menu_label != NULL" not in result.stderr
     pluginrc = (workdir.host / "home/.config/GIMP/3.0/pluginrc").read_bytes()  # holds icon PNGs
-    assert pluginrc.count(b'"<Image>/Filters/Generative"') == 2, "pluginrc records no menu path"
+    assert pluginrc.count(b'"<Image>/Filters/Generative"') == 3, "pluginrc records no menu path"
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ client runs on GIMP's main thread; ending the plug-in's process closes the conne
 the server then cancels the job.
 """
 
+import dataclasses
 import os
 import queue
 import sys
@@ -34,6 +35,7 @@ import genfill_bridge as gb  # noqa: E402
 
 FILL = "python-fu-genfill-fill"
 EXPAND = "python-fu-genfill-expand"
+AGAIN = "python-fu-genfill-again"
 _RGBA = "R'G'B'A u8"
 
 
@@ -44,9 +46,10 @@ class GimpDocument(gb.Document):
     the bridge always sees 8-bit RGBA. Indexed images are refused.
     """
 
-    def __init__(self, image, drawable):
+    def __init__(self, image, drawable, above=None):
         self.image = image
         self.drawable = drawable
+        self.above = above if above is not None else drawable
         self.inserted = []
 
     def size(self):
@@ -95,8 +98,8 @@ class GimpDocument(gb.Document):
                 )
             kind = Gimp.ImageType.GRAYA_IMAGE if image.get_base_type() == Gimp.ImageBaseType.GRAY else Gimp.ImageType.RGBA_IMAGE
             group = Gimp.GroupLayer.new(image, name)
-            parent = self.drawable.get_parent() if self.drawable is not None else None
-            position = image.get_item_position(self.drawable) if self.drawable is not None else 0
+            parent = self.above.get_parent() if self.above is not None else None
+            position = image.get_item_position(self.above) if self.above is not None else 0
             image.insert_layer(group, parent, position)
             for index, rgba in enumerate(layers):
                 layer = Gimp.Layer.new(
@@ -166,7 +169,7 @@ def _run(procedure, run_mode, image, drawables, config, data):
     settings = gb.ServerSettings(
         url=config.get_property("server-url") or "", token=config.get_property("server-token") or ""
     )
-    document = GimpDocument(image, drawable)
+    document = GimpDocument(image, *_source_layer(image, drawable))
     if run_mode == Gimp.RunMode.INTERACTIVE:
         return _run_dialog(procedure, config, document, settings, is_expand)
     mode = "expand" if is_expand else (config.get_property("mode") or "fill")
@@ -287,10 +290,12 @@ class GenfillPlugIn(Gimp.PlugIn):
         return False
 
     def do_query_procedures(self):
-        return [FILL, EXPAND]
+        return [FILL, EXPAND, AGAIN]
 
     def do_create_procedure(self, name):
         Gegl.init(None)
+        if name == AGAIN:
+            return self._again_procedure(name)
         procedure = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, _run, None)
         procedure.set_image_types("RGB*, GRAY*")
         procedure.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.DRAWABLE)
@@ -329,6 +334,99 @@ class GenfillPlugIn(Gimp.PlugIn):
         procedure.add_string_argument("server-url", "Server _address", "ws://host:port; empty: the running server's state file", "", flags)
         procedure.add_string_argument("server-token", "Server _token", "Empty: the running server's state file", "", flags)
         return procedure
+
+
+    def _again_procedure(self, name):
+        procedure = Gimp.ImageProcedure.new(self, name, Gimp.PDBProcType.PLUGIN, _run_again, None)
+        procedure.set_image_types("RGB*, GRAY*")
+        procedure.set_sensitivity_mask(Gimp.ProcedureSensitivityMask.DRAWABLE)
+        procedure.set_attribution("genfill", "genfill", "2025")
+        procedure.set_menu_label("_Again from This Layer")
+        procedure.set_documentation(
+            "Fill again with the parameters kept in a genfill result layer",
+            "Reads the genfill parameters of the selected layer (or of its group's shown variation) "
+            "and runs that request again, with new seeds or the layer's own seed.",
+            name,
+        )
+        procedure.add_menu_path("<Image>/Filters/Generative")
+        flags = GObject.ParamFlags.READWRITE
+        procedure.add_boolean_argument("same-seed", "Same _seed", "Repeat the layer's seed (one variation)", False, flags)
+        procedure.add_int_argument("variations", "_Variations", "Layers to add with new seeds", 1, 8, 3, flags)
+        procedure.add_string_argument("server-url", "Server _address", "ws://host:port; empty: the running server's state file", "", flags)
+        procedure.add_string_argument("server-token", "Server _token", "Empty: the running server's state file", "", flags)
+        return procedure
+
+
+def _top_of(layer):
+    """The variation's group when ``layer`` is a variation in one, else ``layer``."""
+    parent = layer.get_parent()
+    return parent if parent is not None and record_of(layer) is not None else layer
+
+
+def _source_layer(image, drawable):
+    """``(layer to read, layer to put the result above)``. A result of an earlier fill stands
+    for the layer it was made from: its group holds only the filled patch, and read as it is
+    the engine would see transparent surroundings. The new group goes on top of the result."""
+    if drawable is None or not isinstance(drawable, Gimp.Layer):
+        return drawable, None
+    record = record_of(drawable)
+    source = image.get_layer_by_name(record.source_layer) if record is not None and record.source_layer else None
+    if source is None:
+        return drawable, None
+    return source, _top_of(drawable)
+
+
+def record_of(layer):
+    """The ``FillRecord`` kept on ``layer``, or on a group's shown (else first) variation."""
+    from genfill_bridge.metadata import ANNOTATION_TYPE, from_json
+
+    candidates = [layer]
+    if layer.is_group():
+        children = list(layer.get_children())
+        candidates = [child for child in children if child.get_visible()] + children
+    for candidate in candidates:
+        parasite = candidate.get_parasite(ANNOTATION_TYPE)
+        if parasite is not None:
+            record = from_json(bytes(parasite.get_data())).get("layer")
+            if record is not None:
+                return record
+    return None
+
+
+def _run_again(procedure, run_mode, image, drawables, config, data):
+    """Again from This Layer: the kept request once more, from the layer it was made from;
+    with nothing selected, the kept box is selected first."""
+    layer = drawables[0] if drawables else None
+    record = record_of(layer) if layer is not None else None
+    if record is None or record.mode == "expand":
+        why = "comes from Expand, which this does not repeat" if record is not None else "has no genfill parameters"
+        return _failed(procedure, gb.DocumentError(
+            f"The selected layer {why}: select a layer a genfill fill made."),
+            interactive=run_mode == Gimp.RunMode.INTERACTIVE)
+    same_seed = config.get_property("same-seed")
+    options = record.options(seed=record.seed if same_seed else None,
+                             variations=1 if same_seed else config.get_property("variations"))
+    source = image.get_layer_by_name(record.source_layer) if record.source_layer else None
+    if source is None:
+        options = dataclasses.replace(options, source="visible")
+    settings = gb.ServerSettings(url=config.get_property("server-url") or "", token=config.get_property("server-token") or "")
+    document = GimpDocument(image, source, above=_top_of(layer))
+    try:
+        if document.selection_bounds() is None:
+            image.select_rectangle(Gimp.ChannelOps.REPLACE, *record.box)
+        Gimp.progress_init("Generative fill: connecting to the genfill server")
+        prepared = gb.prepare(document, options)
+        result = gb.run(prepared, settings, on_event=_show_progress)
+        name = gb.apply(document, prepared, result)
+        keep_parameters(document, prepared, result)
+    except gb.JobCancelled:
+        return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
+    except Exception as exc:  # noqa: BLE001 - GIMP must get a message, not a crash
+        return _failed(procedure, exc, interactive=run_mode == Gimp.RunMode.INTERACTIVE)
+    finally:
+        Gimp.progress_end()
+    _done(name, result)
+    return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
 
 
 if __name__ == "__main__":
