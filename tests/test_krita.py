@@ -259,13 +259,13 @@ def painter_session(server, template_home, xvfb, tmp_path_factory):
     active), screenshots and widget sizes of the docker in a 1000 px high window."""
     from genfill.state import ServerState, write_state
 
-    tmp_path = tmp_path_factory.mktemp("krita-painter")
+    tmp_path = harness.screenshot_folder("krita-painter-session")  # kept: out.json explains a failure
     screenshots = harness.screenshot_folder("krita")
     state = write_state(ServerState(url=server.url, token=server.token, pid=os.getpid(), version="test"),
                         tmp_path / "server.json")
     job = {"fills": [{"prompt": "a calm sea", "variations": 2, "seed": 9}, {"prompt": "rocks", "variations": 1, "seed": 3}],
            "wait_catalogue_ms": 15000, "window_size": [1280, 1000], "screenshots": str(screenshots),
-           "measure": {"status": LONG_STATUS}, "undo": 1}
+           "measure": {"status": LONG_STATUS}, "undo": 1, "strip": True}
     out = _full_krita(tmp_path, template_home, xvfb, job, env={"GENFILL_STATE_FILE": str(state)})
     print(f"screenshots in {screenshots}")
     return out
@@ -395,3 +395,21 @@ def test_previews_reach_the_docker_while_the_job_runs(diffusion_server, tmp_path
     for size, width, height in out["previews"]:
         assert width > 0 and height > 0 and size == width * height * 4
     assert [group["name"] for group in out["groups"]] == ["a window"]
+
+
+def test_strip_buttons_in_the_docker(painter_session):
+    """The docker's own buttons, clicked in full Krita after an undo took the last fill away."""
+    assert painter_session["strip_after_undo"] == [0, False], "the strip still shows an undone fill"
+    strip = painter_session["strip"]
+    assert strip["fill"]["ok"] is True and strip["fill"]["strip"] == 3
+    assert strip["show"] == {"visible": [False, True, False], "seeds": [11, 12, 13]}
+    waves = lambda step: [g for g in strip[step]["groups"] if g["name"] == "waves"]  # noqa: E731
+    assert strip["regenerate"]["ok"] is True and strip["regenerate"]["strip"] == 3
+    assert len(waves("regenerate")) == 1, "Regenerate did not replace the variations"
+    assert strip["again"]["ok"] is True and strip["again"]["strip"] == 1
+    assert [len(g["children"]) for g in waves("again")] == [3, 1]
+    assert strip["apply"]["strip"] == 0 and [len(g["children"]) for g in waves("apply")] == [3, 1]
+    assert strip["from_layer_active"].startswith("waves - variation")
+    assert strip["from_layer"]["ok"] is True, strip["from_layer"]
+    assert [len(g["children"]) for g in waves("from_layer")] == [3, 1, 1], "From this layer did not go on top"
+    assert strip["discard"]["strip"] == 0 and len(waves("discard")) == 2

@@ -45,11 +45,12 @@ class FillController(QObject):
     def busy(self) -> bool:
         return self._job is not None
 
-    def start(self, document, options: FillOptions, settings: ServerSettings, node=None, replaces=None) -> bool:
+    def start(self, document, options: FillOptions, settings: ServerSettings, node=None, replaces=None, above=None) -> bool:
         """Reads the document and starts the job; False (and ``finished``) if it cannot start.
 
         ``node`` is the layer to read (``None``: the active one); ``replaces`` a result group
-        to delete once the new result is in (Regenerate)."""
+        to delete once the new result is in (Regenerate); ``above`` the layer the new group
+        goes above (``None``: the active one, or ``node``)."""
         if self.busy:
             self.status.emit("A fill is already running: wait for it or cancel it.")
             return False
@@ -59,7 +60,7 @@ class FillController(QObject):
         active = node if node is not None else document.activeNode()
         node, note = _source_layer(document, active, options)
         # On top of what the painter has active, so a fill over an earlier result shows.
-        adapter = KritaDocument(document, node, above=active)
+        adapter = KritaDocument(document, node, above=above if above is not None else active)
         try:
             prepared = prepare(adapter, options)
         except (BridgeError, ValueError) as exc:

@@ -243,6 +243,10 @@ class GenfillDocker(DockWidget):
         self._timer = QTimer(self)
         self._timer.timeout.connect(self._refresh_if_visible)
         self._timer.start(CATALOGUE_REFRESH_S * 1000)
+        # An undo or a deleted layer can take the strip's variations away: empty it then.
+        self._staging_timer = QTimer(self)
+        self._staging_timer.timeout.connect(self._check_staging)
+        self._staging_timer.start(1000)
         QTimer.singleShot(0, lambda: self.refresh_catalogue(quiet=True))
 
     def canvasChanged(self, canvas) -> None:  # noqa: N802 - Krita's name
@@ -285,8 +289,9 @@ class GenfillDocker(DockWidget):
             self._finished(False, "Nothing to run again: fill first.")
             return False
         options, source = staging.again(same_seed=same_seed, variations=self.variations.value())
+        # Where the strip's group is: Regenerate takes its place, Again goes on top of it.
         return self.controller.start(staging.document, options, self.settings(), node=source,
-                                     replaces=None if same_seed else staging.group)
+                                     replaces=None if same_seed else staging.group, above=staging.group)
 
     def from_layer(self) -> bool:
         """Fills again with the parameters kept in the active layer (new seeds; the seed is
@@ -300,7 +305,12 @@ class GenfillDocker(DockWidget):
         options = record.options(seed=seed, variations=1 if seed is not None else self.variations.value())
         self._show_record(record)
         source = find_layer(document, record.source_layer) if record.source_layer else None
-        return self.controller.start(document, options, self.settings(), node=source)
+        active = document.activeNode()
+        parent = active.parentNode()
+        # On top of the result it came from: its group when the active layer is a variation.
+        in_group = parent is not None and parent.uniqueId() != document.rootNode().uniqueId()
+        return self.controller.start(document, options, self.settings(), node=source,
+                                     above=parent if in_group else active)
     def refresh_catalogue(self, quiet: bool = False) -> None:
         """Asks the server for its engines and models on a worker thread. ``quiet``: keep the
         status line unless the list changed (automatic refreshes must not hide a result)."""
@@ -390,6 +400,10 @@ class GenfillDocker(DockWidget):
         self.prompt.setPlainText(record.prompt)
         self.negative_prompt.setText(record.negative_prompt)
         self.mode.setCurrentText(record.mode)
+
+    def _check_staging(self) -> None:
+        if self.strip.count() and not self.controller.staging.active:
+            self._show_staging()
 
     def _show_staging(self) -> None:
         staging = self.controller.staging

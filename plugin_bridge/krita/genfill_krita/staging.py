@@ -75,7 +75,17 @@ class Staging(QObject):
 
     @property
     def active(self) -> bool:
-        return self.group is not None
+        """Whether there are variations to act on; not once their group is gone (undone,
+        deleted, the document closed)."""
+        if self.group is None:
+            return False
+        try:
+            present = find_layer(self.document, layer_id(self.group)) is not None
+        except Exception:  # noqa: BLE001 - a closed document's wrappers raise
+            present = False
+        if not present:
+            self.clear()
+        return present
 
     def stage(self, adapter, prepared, result) -> None:
         """Takes the layers ``apply`` just added and records what made each one."""

@@ -204,6 +204,49 @@ def _play(job, out):
     out["groups_after_undo"] = _groups(document)
     _step(job, out, "exported_after_undo")
     out["exported_after_undo"] = document.exportImage(job["export_after_undo"], InfoObject())
+    yield 1500  # the docker notices the undone group on its own
+    out["strip_after_undo"] = [docker.strip.count(), docker.controller.staging.active]
+
+    if job.get("strip"):
+        # The strip's buttons, clicked: a fill, show variation 2, Regenerate, Again with seed,
+        # Apply (as a layer), From this layer on the kept layer, Discard.
+        out["strip"] = strip = {}
+
+        docker.mode.setCurrentText("fill")
+        docker.prompt.setPlainText("waves")
+        docker.variations.setValue(3)
+        docker.seed.setValue(11)
+        for button, name, waits in ((docker.fill_button, "fill", True), (None, "show", False),
+                                    (docker.regenerate_button, "regenerate", True),
+                                    (docker.again_button, "again", True), (docker.apply_button, "apply", False),
+                                    (docker.from_layer_button, "from_layer", True),
+                                    (docker.discard_button, "discard", False)):
+            if name == "show":
+                docker.strip.setCurrentRow(1)
+                yield 300
+                strip["show"] = {"visible": [c.visible() for c in docker.controller.staging.layers],
+                                 "seeds": [r.seed for r in docker.controller.staging.records]}
+                continue
+            if name == "from_layer":
+                kept = [n for n in document.topLevelNodes() if n.type() == "grouplayer"][-1]
+                document.setActiveNode(kept.childNodes()[0])
+                yield 500
+                strip["from_layer_active"] = document.activeNode().name()
+            finished = {}
+
+            def on_finished(ok, text, finished=finished):
+                finished.update(ok=ok, text=text)
+
+            docker.controller.finished.connect(on_finished)
+            button.click()
+            deadline = time.monotonic() + 30
+            while waits and not finished and time.monotonic() < deadline:
+                yield 50
+            docker.controller.finished.disconnect(on_finished)
+            yield 300
+            strip[name] = {**finished, "strip": docker.strip.count(), "groups": _groups(document),
+                           "status": docker.status_label.text()}
+        _shots(job, out, docker, window, "strip")
 
 
 def _run():
