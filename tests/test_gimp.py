@@ -324,7 +324,9 @@ def test_dialog_offers_the_servers_engines_without_a_token_field(server, workdir
     assert fill["entries"] == [{"visible_text": True}], "a hidden (token) entry or a stray entry is in the dialog"
     keys = [key for _, key in fill["mnemonics"]]
     assert len(keys) == len(set(keys)), f"duplicate mnemonics: {fill['mnemonics']}"
-    assert {"p", "n", "m", "e", "o", "s", "v", "d", "r", "f", "c"} <= set(keys)
+    assert {"p", "h", "n", "m", "e", "o", "s", "v", "d", "r", "f", "c"} <= set(keys)
+    assert out["history"] == ["(recent prompts)", "a red door with brass handles", "an old oak"]
+    assert out["prompt_from_history"] == "an old oak"
     assert fill["strength_default"] is True and fill["strength_sensitive"] is False
     assert fill["seed_random"] is True and fill["seed_sensitive"] is False
     assert "ignores the prompt" in fill["status"]
@@ -381,7 +383,7 @@ def test_menu_fill_runs_the_dialog_twice_in_a_row_in_gimps_window(server, workdi
     big = np.dstack([np.random.default_rng(1).integers(0, 255, (1100, 1400, 3), np.uint8), np.full((1100, 1400), 255, np.uint8)])
     big.tofile(workdir.host / "big.rgba")
     job = {"width": WIDTH, "height": HEIGHT, "image": str(workdir.inside / "in.rgba"), "selection": list(SELECTION),
-           "fills": 2, "out": str(workdir.inside / "interactive.json"),
+           "fills": 2, "prompts": ["moss", "moss"], "out": str(workdir.inside / "interactive.json"),
            "cancel": {"width": 1400, "height": 1100, "image": str(workdir.inside / "big.rgba"), "selection": [100, 100, 1200, 900]}}
     (workdir.host / "job.json").write_text(json.dumps(job))
     shutil.copy(harness.ROOT / "tests/editors/gimp_interactive.py", workdir.host / "interactive.py")
@@ -417,12 +419,14 @@ def test_menu_fill_runs_the_dialog_twice_in_a_row_in_gimps_window(server, workdi
     out = json.loads(out_path.read_text())
     assert "exception" not in out, out["exception"]
     assert pressed == [True, True, True], f"the dialog did not appear: {pressed}\n{result.stderr[-3000:]}"
+    history = json.loads((workdir.host / "home/.config/GIMP/3.0/genfill-prompts.json").read_text())
+    assert history == ["moss"], "the dialog did not remember its prompt"
     first, second = out["runs"]
     assert first["status"] == "success", first.get("message")
     assert second["status"] == "success", second.get("message")
-    assert second["selected"] == ["genfill fill"], "the first fill did not leave its group selected"
-    # Two groups side by side at the top (GIMP numbers the second name), three variations each.
-    assert [group["name"] for group in second["groups"]] == ["genfill fill #1", "genfill fill"]
+    assert second["selected"] == ["moss"], "the first fill did not leave its group selected"
+    # Two groups side by side, the new one on top (GIMP numbers its name), three variations each.
+    assert [group["name"] for group in second["groups"]] == ["moss #1", "moss"]
     for group in second["groups"]:
         assert [visible for _, visible in group["children"]] == [True, False, False]
     # The dialog's Cancel during the job: nothing added, and the server's worker is free again.

@@ -266,7 +266,10 @@ def painter_session(server, template_home, xvfb, tmp_path_factory):
     job = {"fills": [{"prompt": "a calm sea", "variations": 2, "seed": 9}, {"prompt": "rocks", "variations": 1, "seed": 3}],
            "wait_catalogue_ms": 15000, "window_size": [1280, 1000], "screenshots": str(screenshots),
            "measure": {"status": LONG_STATUS}, "undo": 1, "strip": True}
-    out = _full_krita(tmp_path, template_home, xvfb, job, env={"GENFILL_STATE_FILE": str(state)})
+    try:
+        out = _full_krita(tmp_path, template_home, xvfb, job, env={"GENFILL_STATE_FILE": str(state)})
+    finally:
+        shutil.rmtree(tmp_path / "home", ignore_errors=True)  # Krita's HOME: 170 MB
     print(f"screenshots in {screenshots}")
     return out
 

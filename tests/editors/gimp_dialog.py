@@ -66,9 +66,14 @@ def main():
 
         catalogue = fetch_models(gb.ServerSettings())  # url and token from the state file
         fill = FillDialog(Gtk.Dialog, expand=False, catalogue=catalogue,
-                          initial={"prompt": "a red door\nwith brass handles", "seed": -1, "strength": -1.0})
+                          initial={"prompt": "a red door\nwith brass handles", "seed": -1, "strength": -1.0},
+                          history=["a red door\nwith brass handles", "an old oak"])
         settle()
         out["fill"] = describe(fill, job["fill_png"])
+        out["history"] = [row[0] for row in fill.history.get_model()]
+        fill.history.set_active(2)
+        settle()
+        out["prompt_from_history"] = fill.values()["prompt"]
         fill.seed_random.set_active(False)
         fill.seed.set_value(42)
         settle()

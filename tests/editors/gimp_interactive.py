@@ -36,6 +36,7 @@ try:
         config.set_property("run-mode", Gimp.RunMode.INTERACTIVE)
         config.set_property("image", image)
         config.set_core_object_array("drawables", selected)
+        config.set_property("prompt", job["prompts"][index])
         with open(job["out"] + f".dialog-{index}", "w") as marker:
             marker.write("open")
         result = procedure.run(config)

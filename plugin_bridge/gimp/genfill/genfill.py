@@ -18,6 +18,7 @@ the server then cancels the job.
 """
 
 import dataclasses
+import json
 import os
 import queue
 import sys
@@ -206,7 +207,7 @@ def _run_dialog(procedure, config, document, settings, is_expand):
         catalogue, error = None, str(exc)
     names = [name for name in ARGUMENTS if procedure.find_argument(name) is not None]
     dialog = FillDialog(GimpUi.Dialog, expand=is_expand, catalogue=catalogue, error=error,
-                        initial={name: config.get_property(name) for name in names})
+                        initial={name: config.get_property(name) for name in names}, history=_read_history())
     try:
         while True:
             if dialog.dialog.run() != Gtk.ResponseType.OK:
@@ -255,9 +256,33 @@ def _run_dialog(procedure, config, document, settings, is_expand):
         except Exception as exc:  # noqa: BLE001 - GIMP must get a message, not a crash
             return _failed(procedure, exc, interactive=True)
         _done(name, outcome["result"])
+        _write_history(prepared.options.prompt)
         return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
     finally:
         dialog.dialog.destroy()
+
+
+def _history_path():
+    return os.path.join(Gimp.directory(), "genfill-prompts.json")
+
+
+def _read_history():
+    try:
+        with open(_history_path(), encoding="utf-8") as file:
+            history = json.load(file)
+    except (OSError, ValueError):
+        return []
+    return [item for item in history if isinstance(item, str)] if isinstance(history, list) else []
+
+
+def _write_history(prompt):
+    from genfill_bridge.metadata import remember_prompt
+
+    try:
+        with open(_history_path(), "w", encoding="utf-8") as file:
+            json.dump(remember_prompt(_read_history(), prompt), file)
+    except OSError:
+        pass  # a history that cannot be kept must not fail the fill
 
 
 def _failed(procedure, exc, *, interactive):

@@ -27,9 +27,10 @@ class FillDialog:
         catalogue: the server's ``/v1/models`` answer, or ``None`` when it could not be read
             (``error`` then says why and the drop-downs offer the server's defaults only).
         initial: the last values (the procedure's config), by argument name.
+        history: the last prompts, newest first, for the History drop-down.
     """
 
-    def __init__(self, dialog_class, *, expand, catalogue, error=None, initial=None):
+    def __init__(self, dialog_class, *, expand, catalogue, error=None, initial=None, history=()):
         initial = initial or {}
         self.expand = expand
         self.catalogue = catalogue
@@ -48,6 +49,13 @@ class FillDialog:
         scrolled.set_shadow_type(Gtk.ShadowType.IN)
         scrolled.add(self.prompt)
         self._add(grid, "_Prompt", scrolled, self.prompt)
+        self.history = Gtk.ComboBoxText()
+        self.history.append("", "(recent prompts)" if history else "(no prompts yet)")
+        for prompt in history:
+            self.history.append(prompt, " ".join(prompt.split())[:60])
+        self.history.set_active(0)
+        self.history.connect("changed", self._history_picked)
+        self._add(grid, "_History", self.history)
         self.negative = Gtk.Entry(text=initial.get("negative-prompt") or "", activates_default=True)
         self._add(grid, "_Negative prompt", self.negative)
         self.mode = None
@@ -115,6 +123,11 @@ class FillDialog:
         self._wanted = {"engine": initial.get("engine") or "", "model": initial.get("model") or ""}
         self._fill_choices()
         self.dialog.show_all()
+
+    def _history_picked(self, combo):
+        prompt = combo.get_active_id()
+        if prompt:
+            self.prompt.get_buffer().set_text(prompt)
 
     def _add(self, grid, label, widget, mnemonic_widget=None):
         text = Gtk.Label.new_with_mnemonic(label) if "_" in label else Gtk.Label(label=label)
