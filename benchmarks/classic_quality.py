@@ -200,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(photos)} photos x {len(HOLES)} holes at {SIZE_PX} px")
     print(f"| {'method':<28} | PSNR in hole | texture kept | time per fill (max) |")
     print(f"|{'-' * 30}|--------------|--------------|---------------------|")
-    for name, summary in results.items():
+    for summary in results.values():
         print(
             f"| {summary['label']:<28} | {summary['psnr_db']:9.2f} dB | {summary['texture_kept']:12.2f} "
             f"| {summary['time_s']:8.3f} s ({summary['max_time_s']:.2f} s) |"

@@ -71,7 +71,6 @@ import asyncio
 import contextlib
 import importlib.util
 import json
-import math
 import os
 import platform
 import statistics
@@ -1096,11 +1095,11 @@ class Bench:
         with torch.inference_mode():
             for batch in batches:
                 inputs = _unet_inputs(unet, batch, latent, self.dtype_of(unet))
-                eager = _time_ms(lambda: unet(**inputs, return_dict=False), iters=10 if batch > 2 else 20)
+                eager = _time_ms(lambda inputs=inputs: unet(**inputs, return_dict=False), iters=10 if batch > 2 else 20)
                 out[f"batch{batch}_eager_ms"] = eager
                 try:
                     out[f"batch{batch}_graph_ms"], out[f"batch{batch}_graph_capture_s"] = _graph_ms(
-                        lambda: unet(**inputs, return_dict=False), iters=10 if batch > 2 else 20
+                        lambda inputs=inputs: unet(**inputs, return_dict=False), iters=10 if batch > 2 else 20
                     )
                 except Exception as exc:  # noqa: BLE001 - a model that cannot be captured is a finding
                     out[f"batch{batch}_graph_error"] = repr(exc)

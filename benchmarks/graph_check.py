@@ -45,7 +45,10 @@ def main() -> int:
         selection = np.zeros((size, size), np.uint8)
         selection[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
 
-        def job(seed: int, prompt: str = "a bench in a park") -> EngineJob:
+        # Bound as defaults so that job() keeps this iteration's values (bugbear B023).
+        def job(
+            seed: int, prompt: str = "a bench in a park", *, rng=rng, size=size, selection=selection, steps=steps
+        ) -> EngineJob:
             image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
             return EngineJob(image, selection, fill.denoise_mask(selection, grow_px=8, feather_px=8), [seed],
                              EngineOptions.of(prompt=prompt, negative_prompt="blurry", steps=steps,
@@ -53,7 +56,7 @@ def main() -> int:
 
         engines = {}
         for graphs in (False, True):
-            engine = SDInpaintEngine(lambda: pipe, device="cuda", cuda_graphs=graphs)
+            engine = SDInpaintEngine(lambda pipe=pipe: pipe, device="cuda", cuda_graphs=graphs)
             engine.load()
             engines[graphs] = engine
         one = job(1)

@@ -99,7 +99,7 @@ def unet_levers(name: str, config: dict, latent: int, batches: tuple[int, ...], 
                 args["sample"] = args["sample"].contiguous(memory_format=torch.channels_last)
             try:
                 with torch.inference_mode(), attention():
-                    replay, output = graphed(lambda: unet(**args, return_dict=False)[0])
+                    replay, output = graphed(lambda unet=unet, args=args: unet(**args, return_dict=False)[0])
                     ms = _time_ms(replay, iters=20 if batch <= 2 else 10)
             except Exception as exc:  # noqa: BLE001 - a lever that fails is a finding
                 print(f"{key} {lever}: failed: {exc!r}", flush=True)
@@ -133,8 +133,8 @@ def vae_levers(name: str, config: dict, pixels: int, batches: tuple[int, ...], o
                 image = image.contiguous(memory_format=torch.channels_last)
                 latents = latents.contiguous(memory_format=torch.channels_last)
             for part, call in (
-                ("encode", lambda: vae.encode(image).latent_dist.mean),
-                ("decode", lambda: vae.decode(latents).sample),
+                ("encode", lambda vae=vae, image=image: vae.encode(image).latent_dist.mean),
+                ("decode", lambda vae=vae, latents=latents: vae.decode(latents).sample),
             ):
                 key = f"{name}_vae_{part}_b{batch}"
                 with torch.inference_mode():
@@ -189,7 +189,7 @@ def compiled_levers(out: dict, only: str | None, batches: tuple[int, ...] = (2, 
             if channels_last:
                 args["sample"] = args["sample"].contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
-                replay, reference = graphed(lambda: unet(**args, return_dict=False)[0])
+                replay, reference = graphed(lambda unet=unet, args=args: unet(**args, return_dict=False)[0])
                 plain_ms = _time_ms(replay, iters=10)
                 reference = reference.clone()
                 del replay
@@ -201,7 +201,7 @@ def compiled_levers(out: dict, only: str | None, batches: tuple[int, ...] = (2, 
                     compiled(**args, return_dict=False)
                     torch.cuda.synchronize()
                     row[f"compile_{attempt}_s"] = round(time.perf_counter() - started, 1)
-                replay, output = graphed(lambda: compiled(**args, return_dict=False)[0])
+                replay, output = graphed(lambda compiled=compiled, args=args: compiled(**args, return_dict=False)[0])
                 row["compiled_graph_ms"] = round(_time_ms(replay, iters=10), 2)
                 row["rel_diff"] = rel_diff(output, reference)
                 cache_checked = True
@@ -216,7 +216,7 @@ def compiled_levers(out: dict, only: str | None, batches: tuple[int, ...] = (2, 
                         compiled(**args, return_dict=False)
                         torch.cuda.synchronize()
                         row["flags_compile_s"] = round(time.perf_counter() - started, 1)
-                        replay, output = graphed(lambda: compiled(**args, return_dict=False)[0])
+                        replay, output = graphed(lambda compiled=compiled, args=args: compiled(**args, return_dict=False)[0])
                     row["flags_graph_ms"] = round(_time_ms(replay, iters=10), 2)
                     row["flags_rel_diff"] = rel_diff(output, reference)
                     del replay, output
@@ -235,7 +235,7 @@ def compiled_levers(out: dict, only: str | None, batches: tuple[int, ...] = (2, 
             vae = _fp16_model(AutoencoderKL, config, seed=1)
             latents = torch.randn(1, 4, pixels // 8, pixels // 8, device="cuda", dtype=torch.float16)
             with torch.inference_mode():
-                replay, reference = graphed(lambda: vae.decode(latents).sample)
+                replay, reference = graphed(lambda vae=vae, latents=latents: vae.decode(latents).sample)
                 row = {"plain_graph_ms": round(_time_ms(replay, iters=5), 2)}
                 reference = reference.clone()
                 del replay
@@ -246,7 +246,7 @@ def compiled_levers(out: dict, only: str | None, batches: tuple[int, ...] = (2, 
                 vae.decode(latents)
                 torch.cuda.synchronize()
                 row["compile_cold_s"] = round(time.perf_counter() - started, 1)
-                replay, output = graphed(lambda: vae.decode(latents).sample)
+                replay, output = graphed(lambda vae=vae, latents=latents: vae.decode(latents).sample)
                 row["compiled_graph_ms"] = round(_time_ms(replay, iters=5), 2)
                 row["rel_diff"] = rel_diff(output, reference)
                 vae.decoder = original
@@ -270,6 +270,7 @@ def engine_costs(out: dict) -> None:
     from genfill import fill
     from genfill_server.engines.base import EngineJob, EngineOptions
     from genfill_server.engines.sd_inpaint import SDInpaintEngine
+
     from gpu import build_models
 
     paths = build_models(Path(tempfile.gettempdir()) / "genfill-levers", smoke=False, device="cuda")

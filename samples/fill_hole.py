@@ -14,9 +14,8 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
-
 from genfill import Client
+from PIL import Image
 
 
 def brick_wall(width: int = 512, height: int = 384, seed: int = 0) -> np.ndarray:
@@ -71,7 +70,7 @@ def main() -> None:
     before = image.copy()
     before[mask > 0] = (255, 0, 255)
     Image.fromarray(before).save(args.output / "before.png")
-    for index, seed in enumerate(result.seeds):
+    for index in range(len(result.seeds)):
         result.composite(index).save(args.output / f"after-{index}.png")
     print(f"\nfilled {result.box} with {result.engine} in {result.seconds:.2f} s, seeds {result.seeds}")
     print(f"wrote {args.output}/before.png and after-0..{len(result.seeds) - 1}.png")

@@ -25,10 +25,10 @@ from genfill.protocol import (
     parse_server_message,
 )
 from genfill_server.app import ServerConfig
-from genfill_server.session import _job_id_of, _validation_error
 from genfill_server.background import BackgroundServer
 from genfill_server.errors import RequestError
 from genfill_server.images import decode_upload
+from genfill_server.session import _job_id_of, _validation_error
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError

@@ -212,11 +212,20 @@ def test_bridge_reads_every_server_message():
             assert name in type(example).model_fields
 
 
-def test_bridge_refuses_unknown_server_messages():
-    with pytest.raises(gb.ProtocolMismatch, match="unknown type"):
-        messages.parse_server_message(json.dumps({"type": "telemetry"}))
+def test_bridge_passes_unknown_server_messages_on_to_be_skipped():
+    # Issue 12 changed this: an unknown type was a ProtocolMismatch; a newer server's
+    # additions are now handed back for the client to skip.
+    telemetry = messages.parse_server_message(json.dumps({"type": "telemetry", "load": 0.5}))
+    assert telemetry == {"type": "telemetry", "load": 0.5}
+    assert not messages.is_known(telemetry)
     with pytest.raises(gb.ProtocolMismatch, match="lacks box"):
         messages.parse_server_message(json.dumps({"type": "result", "job_id": "j", "variations": [], "engine": "x"}))
+    with pytest.raises(gb.ProtocolMismatch, match="without a type"):
+        messages.parse_server_message(json.dumps({"kind": "result"}))
+
+
+def test_bridge_knows_every_error_code():
+    assert messages.ERROR_CODES == {code.value for code in p.ErrorCode}
 
 
 def test_bridge_imports_with_the_standard_library_alone():

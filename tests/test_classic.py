@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from genfill_server.engines.base import Engine, EngineError, EngineJob, JobCancelledError
 from genfill_server.engines.classic import ClassicEngine, _harmonic_fill, content_aware_fill
 

@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from conftest import brick_image, rect_mask
 from PIL import Image
+
+from conftest import brick_image, rect_mask
 
 ROOT = Path(__file__).resolve().parents[1]
 

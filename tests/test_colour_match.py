@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from genfill import fill
 
 skimage_data = pytest.importorskip("skimage.data")

@@ -7,14 +7,14 @@ import asyncio
 
 import numpy as np
 import pytest
-import tiny_models
-from conftest import brick_image, rect_mask
 from genfill import EngineUnavailable, JobCancelled
 from genfill_server.app import ServerConfig
 from genfill_server.background import BackgroundServer
 from genfill_server.engines import default_engines
 
+import tiny_models
 from bad_input.wire import Session, submit_message
+from conftest import brick_image, rect_mask
 
 INPAINT = "tiny-inpaint"
 PLAIN = "tiny-plain"

@@ -22,7 +22,14 @@ from genfill.errors import Unsupported
 from genfill.protocol import ControlType, ErrorCode, Feature, FillRequest, Mode, ReferenceRole
 from genfill_server.app import ServerConfig
 from genfill_server.background import BackgroundServer
-from genfill_server.engines import BUILTIN_PROVIDERS, ENTRY_POINT_GROUP, EngineSet, EngineSpec, default_engines, discover_providers
+from genfill_server.engines import (
+    BUILTIN_PROVIDERS,
+    ENTRY_POINT_GROUP,
+    EngineSet,
+    EngineSpec,
+    default_engines,
+    discover_providers,
+)
 from genfill_server.engines import providers as builtin
 from genfill_server.engines.base import (
     GATED_OPTIONS,
@@ -208,7 +215,7 @@ def third_party_package(tmp_path, monkeypatch):
 
 def test_an_installed_package_adds_an_engine_through_its_entry_point(third_party_package, caplog):
     providers = discover_providers()
-    assert list(providers)[:3] == list(BUILTIN_PROVIDERS)
+    assert list(providers)[: len(BUILTIN_PROVIDERS)] == list(BUILTIN_PROVIDERS)
     assert "mirror" in providers and "missing" not in providers  # an import error is logged, not raised
     engines = default_engines(hf_cache=False)
     assert "mirror" in engines.specs and "classic" in engines.specs

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from genfill import fill
 from genfill.fill import Box, EmptyMaskError, Size
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FILL_SOURCE = REPO_ROOT / "sdk" / "genfill" / "fill.py"

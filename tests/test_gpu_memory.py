@@ -9,12 +9,13 @@ import time
 
 import numpy as np
 import pytest
-import tiny_models
-from conftest import brick_image, rect_mask
 from genfill import Client
 from genfill_server.app import ServerConfig
 from genfill_server.background import BackgroundServer
 from genfill_server.engines import default_engines
+
+import tiny_models
+from conftest import brick_image, rect_mask
 
 pytestmark = pytest.mark.gpu
 

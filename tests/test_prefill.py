@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from genfill_server.engines.prefill import pull_push
 
 
@@ -22,8 +21,12 @@ def test_pull_push_keeps_known_pixels_and_stays_within_their_range(shape, corner
     rng = np.random.default_rng(height * width)
     image = rng.integers(40, 200, (height, width, 3), dtype=np.uint8)
     hole = np.zeros(shape, bool)
-    rows = {"top-left": slice(0, height // 2), "bottom-right": slice(height // 2, None), "centre": slice(height // 4, height * 3 // 4)}[corner]
-    columns = {"top-left": slice(0, width // 3), "bottom-right": slice(width // 3, None), "centre": slice(width // 4, width * 3 // 4)}[corner]
+    rows = {
+        "top-left": slice(0, height // 2), "bottom-right": slice(height // 2, None), "centre": slice(height // 4, height * 3 // 4)
+    }[corner]
+    columns = {
+        "top-left": slice(0, width // 3), "bottom-right": slice(width // 3, None), "centre": slice(width // 4, width * 3 // 4)
+    }[corner]
     hole[rows, columns] = True
     filled = pull_push(image, hole)
     np.testing.assert_array_equal(filled[~hole], image[~hole])

@@ -11,13 +11,13 @@ that is not to this machine.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import replace
 import json
 import re
 import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -452,7 +452,8 @@ U = "model.diffusion_model."
         ({U + "joint_blocks.0.context_block.adaLN_modulation.1.bias": (9216,)}, (Architecture.SD3, False, "pipeline")),
         ({"double_blocks.0.img_attn.norm.key_norm.scale": (128,), "img_in.weight": (3072, 384)}, (Architecture.FLUX, True, "pipeline")),
         ({"double_blocks.0.img_attn.norm.key_norm.scale": (128,), "img_in.weight": (3072, 64)}, (Architecture.FLUX, False, "pipeline")),
-        ({"control_model.input_hint_block.0.weight": (16, 3, 3, 3), "control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768)},
+        ({"control_model.input_hint_block.0.weight": (16, 3, 3, 3),
+          "control_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 768)},
          (Architecture.SD15, False, "controlnet")),
         ({"input_hint_block.0.weight": (16, 3, 3, 3), "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight": (320, 1024)},
          (Architecture.SD2, False, "controlnet")),

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 import tiny_models
 from conftest import brick_image, rect_mask
-from PIL import Image
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"
 

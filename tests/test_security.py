@@ -9,10 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
-import subprocess
-import sys
 import time
 
 import httpx
@@ -24,7 +21,15 @@ from genfill_server.background import BackgroundServer
 from genfill_server.engines import default_engines
 from websockets.exceptions import InvalidStatus
 
-from bad_input.wire import LEAK_MARKERS, RawSocket, Session, assert_clean_error, box_mask, open_ws, small_image, submit_message
+from bad_input.wire import (
+    RawSocket,
+    Session,
+    assert_clean_error,
+    box_mask,
+    open_ws,
+    small_image,
+    submit_message,
+)
 from test_faults import Recorder, scripted_engines, start_cli_server
 
 pytestmark = pytest.mark.timeout(60)
@@ -237,7 +242,10 @@ async def test_binding_all_interfaces_warns_and_still_needs_the_token(tmp_path):
 
 @pytest.mark.parametrize(
     "path",
-    ["/v1/load", "/v1/models/../../etc/passwd", "/docs", "/openapi.json", "/v1/exec", "/v1/plugins", "/static/../app.py", "/v1/ws/../../etc/passwd"],
+    [
+        "/v1/load", "/v1/models/../../etc/passwd", "/docs", "/openapi.json", "/v1/exec", "/v1/plugins", "/static/../app.py",
+        "/v1/ws/../../etc/passwd",
+    ],
 )
 def test_no_other_endpoint_exists(server, path):
     anonymous = http(server, path)

@@ -11,7 +11,6 @@ import time
 import numpy as np
 import pytest
 import websockets
-from conftest import brick_image, rect_mask
 from genfill import (
     AsyncClient,
     AuthenticationError,
@@ -37,6 +36,8 @@ from genfill.protocol import (
 )
 from genfill_server.app import ServerConfig
 from genfill_server.background import BackgroundServer
+
+from conftest import brick_image, rect_mask
 
 
 def assert_unchanged_outside(canvas: np.ndarray, composite: np.ndarray, mask: np.ndarray) -> None:

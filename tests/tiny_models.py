@@ -21,6 +21,7 @@ import torch
 from diffusers import (
     AutoencoderKL,
     ControlNetModel,
+    EulerDiscreteScheduler,
     FlowMatchEulerDiscreteScheduler,
     FluxFillPipeline,
     FluxTransformer2DModel,
@@ -32,7 +33,6 @@ from diffusers import (
     StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
-    EulerDiscreteScheduler,
 )
 from transformers import (
     CLIPTextConfig,

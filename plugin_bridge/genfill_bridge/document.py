@@ -14,7 +14,6 @@ Coordinates are canvas pixels, origin top-left. Pixels are ``bytes``: RGBA (``R,
 from __future__ import annotations
 
 import abc
-import json
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -125,22 +124,11 @@ def run(
     Raises:
         ServerNotRunning, TokenRejected, ConnectionLost, ProtocolMismatch, JobFailed, JobCancelled.
     """
-    warnings: list[str] = []
-
-    def watch(direction: str, frame: str | bytes) -> None:
-        if direction == "recv" and isinstance(frame, str) and '"result"' in frame:
-            warnings.extend(_warnings_in(frame))
-        if trace is not None:
-            trace(direction, frame)
-
-    with ServerConnection.from_settings(settings, trace=watch) as connection:
-        result = connection.run(
+    with ServerConnection.from_settings(settings, trace=trace) as connection:
+        return connection.run(
             prepared.frames, prepared.request, canvas=prepared.result_canvas, on_event=on_event, cancel=cancel,
             previews=previews,
         )
-    if getattr(result, "warnings", None) is None and warnings:
-        _PENDING_WARNINGS[result.job_id] = warnings
-    return result
 
 
 def apply(document: Document, prepared: PreparedFill, result: JobResult) -> str:
@@ -153,27 +141,8 @@ def apply(document: Document, prepared: PreparedFill, result: JobResult) -> str:
 
 def result_warnings(result: JobResult) -> list[str]:
     """What the server says it could not honour (the classic engine ignores the prompt), as
-    sentences to show next to the result; ``[]`` when it says nothing. Each is said once."""
-    warnings = getattr(result, "warnings", None)
-    if warnings is None:
-        warnings = _PENDING_WARNINGS.pop(result.job_id, [])
-    sentences = [str(getattr(w, "message", None) or (w.get("message") if isinstance(w, dict) else w)) for w in warnings]
-    return [_sentence(text) for text in sentences if text]
-
-
-# Until the client's JobResult carries the result's warnings, ``run`` reads them from the
-# result frame it sees go by and keeps them here, by job id, for ``result_warnings``.
-_PENDING_WARNINGS: dict[str, list[str]] = {}
-
-
-def _warnings_in(frame: str) -> list[str]:
-    try:
-        message = json.loads(frame)
-    except ValueError:
-        return []
-    if not isinstance(message, dict) or message.get("type") != "result" or not isinstance(message.get("warnings"), list):
-        return []
-    return [w["message"] for w in message["warnings"] if isinstance(w, dict) and isinstance(w.get("message"), str)]
+    sentences to show next to the result; ``[]`` when it says nothing."""
+    return [_sentence(text) for text in result.warnings if text.strip()]
 
 
 def _sentence(text: str) -> str:

@@ -1,11 +1,14 @@
 """What can go wrong in a plug-in, in words a painter can act on.
 
-Every message says what happened and what to do; ``code`` is stable for scripts and tests::
+Every message says what happened and what to do; ``code`` is stable for scripts and tests.
+An error code from the server that this bridge does not know (a newer server's) raises the
+root ``BridgeError`` with the server's message and code::
 
     BridgeError
     ├── ServerNotRunning      no server at the url, or no state file (code "server_not_running")
     ├── TokenRejected         the server refused the token (code "token_rejected")
     ├── ConnectionLost        the server went away during a job (code "connection_lost")
+    ├── ServerTimeout         the server did not answer or finish in time (code "timeout")
     ├── ProtocolMismatch      plug-in and server speak different versions (code "protocol_mismatch")
     ├── DocumentError         the document cannot be filled as it is
     │   ├── NoSelection       (code "no_selection")
@@ -40,6 +43,10 @@ class TokenRejected(BridgeError):
 
 class ConnectionLost(BridgeError):
     code = "connection_lost"
+
+
+class ServerTimeout(BridgeError):
+    code = "timeout"
 
 
 class ProtocolMismatch(BridgeError):

@@ -3,6 +3,11 @@
 ``genfill.protocol`` holds the authoritative models; this module builds the client messages
 and checks the server's messages against the fields the bridge reads. ``tests/test_bridge.py``
 validates both directions against the pydantic models, so the two cannot drift apart.
+
+Server messages are read leniently, as ``genfill.protocol`` says clients must: fields the
+bridge does not read are ignored, a message of a type it does not know is returned for the
+caller to skip (``is_known``), and error codes are an open set (``ERROR_CODES`` lists those
+this bridge knows).
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Any
 from .errors import ProtocolMismatch
 
 PROTOCOL_VERSION = 1
+"""The major protocol version: a server of another one is refused; additions within it are
+features the server lists in ``hello["features"]``."""
 MODES = ("fill", "expand", "add", "remove")
 MAX_SEED = 2**32 - 1
 _JOB_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
@@ -31,6 +38,31 @@ SERVER_FIELDS: dict[str, tuple[str, ...]] = {
     "error": ("code", "message"),
     "cancelled": ("job_id",),
 }
+
+# genfill.protocol.ErrorCode, pinned by tests/test_bridge.py.
+ERROR_CODES = frozenset(
+    {
+        "bad_message",
+        "limit_exceeded",
+        "rate_limited",
+        "queue_full",
+        "image_too_large",
+        "image_invalid",
+        "unknown_image",
+        "size_mismatch",
+        "empty_selection",
+        "invalid_request",
+        "job_id_in_use",
+        "unknown_job",
+        "engine_unavailable",
+        "model_not_found",
+        "weights_not_installed",
+        "out_of_memory",
+        "engine_failed",
+        "shutting_down",
+        "unsupported",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -134,8 +166,13 @@ def cancel(job_id: str) -> str:
 def parse_server_message(text: str) -> dict[str, Any]:
     """Parses one JSON text frame from the server.
 
+    Returns:
+        The message as a dict. One of a type this bridge does not know (``is_known`` is
+        false) is returned as it came, to be skipped.
+
     Raises:
-        ProtocolMismatch: not JSON, an unknown ``type``, or a field the bridge reads is missing.
+        ProtocolMismatch: not a JSON object, no ``type``, or a field the bridge reads from a
+            known type is missing.
     """
     try:
         message = json.loads(text)
@@ -144,10 +181,25 @@ def parse_server_message(text: str) -> dict[str, Any]:
     if not isinstance(message, dict):
         raise ProtocolMismatch("the server sent a message that is not a JSON object")
     kind = message.get("type")
+    if not isinstance(kind, str):
+        raise ProtocolMismatch("the server sent a message without a type: update the plug-in")
     required = SERVER_FIELDS.get(kind)
     if required is None:
-        raise ProtocolMismatch(f"the server sent a message of unknown type {kind!r}: update the plug-in")
+        return message
     missing = [name for name in required if name not in message]
     if missing:
         raise ProtocolMismatch(f"the server's {kind} message lacks {', '.join(missing)}: update the plug-in")
     return message
+
+
+def is_known(message: dict[str, Any]) -> bool:
+    """Whether this bridge knows the message's type; a newer server's additions are skipped."""
+    return message.get("type") in SERVER_FIELDS
+
+
+def features(hello: dict[str, Any]) -> frozenset[str]:
+    """The feature names a hello offers; none for a server that predates features."""
+    offered = hello.get("features")
+    if not isinstance(offered, list):
+        return frozenset()
+    return frozenset(name for name in offered if isinstance(name, str))

@@ -12,17 +12,30 @@ from .errors import (
     AuthenticationError,
     ConnectError,
     ConnectionClosed,
+    ConnectTimeout,
     EngineUnavailable,
-    Unsupported,
     GenfillError,
+    InvalidInput,
     JobCancelled,
     JobError,
     JobFailed,
     LimitExceeded,
     ProtocolError,
+    Timeout,
+    Unsupported,
 )
 from .fill import Box, Size
-from .protocol import PROTOCOL_VERSION, ControlInput, ControlType, Feature, ImageReference, Mode, ReferenceRole, Scheduler
+from .protocol import (
+    PROTOCOL_VERSION,
+    ControlInput,
+    ControlType,
+    Feature,
+    ImageReference,
+    Mode,
+    ReferenceRole,
+    ResultWarning,
+    Scheduler,
+)
 from .session import FillResult, JobEvent
 
 __version__ = "0.1.0"
@@ -36,6 +49,7 @@ __all__ = [
     "Client",
     "ConnectError",
     "ConnectionClosed",
+    "ConnectTimeout",
     "ControlInput",
     "ControlType",
     "Feature",
@@ -45,6 +59,7 @@ __all__ = [
     "Unsupported",
     "FillResult",
     "GenfillError",
+    "InvalidInput",
     "Job",
     "JobCancelled",
     "JobError",
@@ -53,6 +68,8 @@ __all__ = [
     "LimitExceeded",
     "Mode",
     "ProtocolError",
+    "ResultWarning",
     "Scheduler",
     "Size",
+    "Timeout",
 ]

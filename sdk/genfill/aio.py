@@ -1,6 +1,9 @@
 """``AsyncClient``: the asyncio client, on ``websockets.asyncio.client``.
 
-It only moves bytes; ``genfill.session.ClientSession`` decides what they mean.
+A reader task feeds every frame to the shared ``ClientSession``, which routes what it means
+to the queue of the coroutine waiting for it. Only moving bytes and waiting happen here:
+``genfill.session`` decides, for both clients. Arguments, defaults, results and errors are
+those of the blocking ``genfill.Client``; each method here says only what differs.
 """
 
 from __future__ import annotations
@@ -15,98 +18,74 @@ import websockets
 from websockets.asyncio.client import ClientConnection, connect
 
 from . import session as core
-from .errors import ConnectionClosed, GenfillError, ProtocolError, error_for_code
+from .errors import ConnectionClosed, GenfillError, ProtocolError, Timeout
 from .images import ImageInput
-from .protocol import Error, ImageStatus, Limits
+from .protocol import Hello, ImageStatus
 from .transport import (
-    ConnectionSettings,
+    CONNECT_ERRORS,
+    HTTP_ERRORS,
+    BaseClient,
+    Deadline,
+    connection_error,
     http_get_json,
     map_connect_error,
     map_http_error,
+    timeout_or,
 )
 
 
-class AsyncJob:
-    """A submitted job. Iterate it for events, await ``result()``, or ``cancel()`` it."""
+class AsyncJob(core.JobHandle):
+    """A submitted job. Iterate it (``async for``) for events, await ``result()``, or
+    ``cancel()`` it."""
 
-    def __init__(self, client: AsyncClient, state: core.JobState) -> None:
-        self._client = client
-        self.state = state
-        self.job_id = state.job_id
-        self._events: asyncio.Queue[core.JobEvent] = asyncio.Queue()
-        self._done = asyncio.Event()
+    def __init__(self, client: AsyncClient, prepared: core.PreparedJob) -> None:
+        super().__init__(client, prepared, asyncio.Queue(), asyncio.Event())
 
-    def _push(self, events: list[core.JobEvent]) -> None:
-        for event in events:
-            self._events.put_nowait(event)
-        if self.state.finished:
-            self._done.set()
+    def __aiter__(self) -> AsyncIterator[core.JobEvent]:
+        return self.events()
 
-    async def __aiter__(self) -> AsyncIterator[core.JobEvent]:
-        """Yields events until the job's terminal event (included). Safe to cancel."""
+    def events(self, timeout_s: float | None = None) -> AsyncIterator[core.JobEvent]:
+        """As ``Job.events``. Safe to cancel: no event is lost, a new iteration goes on."""
+        return self._events_by(Deadline(timeout_or(timeout_s, self._client._settings.job_timeout_s)))
+
+    async def _events_by(self, deadline: Deadline) -> AsyncIterator[core.JobEvent]:
         while True:
-            event = await self._events.get()
+            try:
+                event = await asyncio.wait_for(self._events.get(), deadline.remaining_s())
+            except TimeoutError:
+                raise deadline.expired(f"job {self.job_id} did not finish") from None
             yield event
-            if event.kind in ("result", "error", "cancelled"):
+            if event.kind in core.TERMINAL_KINDS:
                 return
 
     async def result(self, timeout_s: float | None = None) -> core.FillResult:
-        """Waits for the job and returns its result, or raises its error.
+        """As ``Job.result``. Safe to cancel: it stops waiting, the job goes on (``cancel()``)."""
+        return await self._result_by(Deadline(timeout_or(timeout_s, self._client._settings.job_timeout_s)))
 
-        Cancelling this coroutine stops waiting; the job itself goes on (use ``cancel()``).
-        """
+    async def _result_by(self, deadline: Deadline) -> core.FillResult:
         try:
-            await asyncio.wait_for(self._done.wait(), timeout_s)
+            await asyncio.wait_for(self._done.wait(), deadline.remaining_s())
         except TimeoutError:
-            raise TimeoutError(f"job {self.job_id} did not finish within {timeout_s} s") from None
+            raise deadline.expired(f"job {self.job_id} did not finish") from None
         return self.state.outcome()
 
     async def cancel(self) -> None:
-        """Asks the server to stop the job; ``result()`` then raises ``JobCancelled``."""
+        """As ``Job.cancel``. Safe to cancel: the cancel message is sent whole or not at all."""
         if not self.state.finished:
             await self._client._send(core.ClientSession.cancel_message(self.job_id))
 
 
-class AsyncClient:
-    """Talks to a genfill server from asyncio code.
+class AsyncClient(BaseClient):
+    """Talks to a genfill server from asyncio code; arguments as for ``genfill.Client``.
 
-    Args:
-        url: ``ws://host:port``; ``None`` reads the running server's state file.
-        token: the server's token; ``None`` reads it from the state file.
-        state_file: where to read url and token; ``None`` means the default path.
-        open_timeout_s: how long to wait for the connection and the server's hello.
-
-    Use as ``async with AsyncClient() as client: result = await client.fill(image, mask)``.
+    Connects on the first awaited call (or on ``async with``/``await connect()``). Use as
+    ``async with AsyncClient() as client: result = await client.fill(image, mask)``.
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        *,
-        token: str | None = None,
-        state_file: str | None = None,
-        open_timeout_s: float = 10.0,
-    ) -> None:
-        self._settings = ConnectionSettings.resolve(url, token, state_file, open_timeout_s)
-        self._session = core.ClientSession()
+    def _init_io(self) -> None:
         self._ws: ClientConnection | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._jobs: dict[str, AsyncJob] = {}
-        self._status_waiters: list[asyncio.Future[ImageStatus]] = []
-        self._send_lock: asyncio.Lock | None = None
-        self._closed_error: GenfillError | None = None
-
-    @property
-    def url(self) -> str:
-        return self._settings.url
-
-    @property
-    def limits(self) -> Limits:
-        return self._session.limits
-
-    @property
-    def hello(self):
-        return self._session.hello
+        self._connect_lock = asyncio.Lock()
 
     def __enter__(self) -> None:
         raise TypeError("AsyncClient is asynchronous: use 'async with AsyncClient()', or the sync Client")
@@ -121,165 +100,153 @@ class AsyncClient:
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
-    async def connect(self) -> None:
-        """Opens the websocket and reads the server's hello."""
-        if self._ws is not None:
-            return
-        settings = self._settings
-        try:
-            self._ws = await connect(settings.url, **settings.websocket_options())
-            hello = await asyncio.wait_for(self._ws.recv(), settings.open_timeout_s)
-        except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
-            raise map_connect_error(exc, settings.url) from exc
-        self._session.receive_hello(hello)
-        self._send_lock = asyncio.Lock()
-        self._reader = asyncio.create_task(self._read_loop(), name="genfill-reader")
+    async def connect(self, timeout_s: float | None = None) -> Hello:
+        """As ``Client.connect``. Safe to cancel: a half-open connection is closed."""
+        async with self._connect_lock:
+            if (hello := self._session.ready()) is not None:
+                return hello
+            settings = self._settings
+            deadline = Deadline(timeout_or(timeout_s, settings.open_timeout_s))
+            try:
+                ws = await connect(settings.url, open_timeout=deadline.seconds, **settings.websocket_options())
+            except CONNECT_ERRORS as exc:
+                raise map_connect_error(exc, settings.url, deadline.seconds) from exc
+            try:
+                hello = self._session.receive_hello(await asyncio.wait_for(ws.recv(), deadline.remaining_s()))
+            except BaseException as exc:
+                await ws.close()
+                if isinstance(exc, CONNECT_ERRORS) and not isinstance(exc, GenfillError):
+                    raise map_connect_error(exc, settings.url, deadline.seconds) from exc
+                raise
+            self._ws = ws
+            self._reader = asyncio.create_task(self._read_loop(ws), name="genfill-reader")
+            return hello
 
-    async def aclose(self) -> None:
-        """Closes the connection; jobs still running on it are cancelled by the server."""
-        if self._ws is not None:
-            await self._ws.close()
-        if self._reader is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        self._ws = None
-        self._reader = None
+    async def aclose(self, timeout_s: float | None = None) -> None:
+        """As ``Client.close``. Safe to cancel: jobs and waits have already ended; the socket
+        closes when websockets gives up on the closing handshake."""
+        seconds = timeout_or(timeout_s, self._settings.reply_timeout_s)
+        ws, reader = self._ws, self._reader
+        self._session.connection_lost(ConnectionClosed(f"the client for {self.url} was closed"))
+        if ws is not None:
+            ws.close_timeout = seconds
+            await ws.close()
+        if reader is not None:
+            with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                await asyncio.wait_for(reader, seconds)
+
+    async def _connection(self) -> ClientConnection:
+        if self._ws is None:
+            await self.connect()
+        assert self._ws is not None
+        return self._ws
 
     async def _send(self, data: str | bytes) -> None:
-        if self._ws is None or self._send_lock is None:
-            raise RuntimeError("AsyncClient is not connected: use 'async with AsyncClient()' or await connect()")
-        if self._closed_error is not None:
-            raise self._closed_error
+        ws = await self._connection()
+        seconds = self._settings.reply_timeout_s
         try:
-            async with self._send_lock:
-                await self._ws.send(data)
+            # send waits for the write buffer to drain, without a timeout of its own.
+            await asyncio.wait_for(ws.send(data), seconds)
+        except TimeoutError:
+            ws.transport.abort()
+            raise Timeout(f"the server at {self.url} took no data for {seconds:g} s", code="timeout") from None
         except websockets.exceptions.ConnectionClosed as exc:
-            raise ConnectionClosed(f"connection to {self.url} closed: {exc}") from exc
+            raise self._session.closed or connection_error(exc, self.url) from exc
 
-    async def _read_loop(self) -> None:
-        assert self._ws is not None
-        error: GenfillError
+    async def _read_loop(self, ws: ClientConnection) -> None:
+        ended: BaseException | None = None
         try:
-            async for data in self._ws:
-                if isinstance(data, bytes):
-                    self._session.receive_binary(data)
-                    continue
-                state, message, events = self._session.receive_text(data)
-                if isinstance(message, ImageStatus) and self._status_waiters:
-                    self._status_waiters.pop(0).set_result(message)
-                elif isinstance(message, Error) and message.job_id is None and self._status_waiters:
-                    self._status_waiters.pop(0).set_exception(error_for_code(message.code, message.message))
-                elif state is not None and state.job_id in self._jobs:
-                    job = self._jobs[state.job_id]
-                    job._push(events)
-                    if state.finished:
-                        self._jobs.pop(state.job_id, None)
-            error = ConnectionClosed(f"server at {self.url} closed the connection")
-        except websockets.exceptions.ConnectionClosed as exc:
-            error = ConnectionClosed(f"connection to {self.url} lost: {exc}")
-        except ProtocolError as exc:
-            error = exc
-            await self._ws.close(code=1002, reason="protocol error")
-        self._closed_error = error
-        for state, events in self._session.fail_all(error):
-            job = self._jobs.pop(state.job_id, None)
-            if job is not None:
-                job._push(events)
-        for waiter in self._status_waiters:
-            if not waiter.done():
-                waiter.set_exception(error)
-        self._status_waiters.clear()
+            async for data in ws:
+                self._session.receive(data)
+        except (websockets.exceptions.ConnectionClosed, ProtocolError) as exc:
+            ended = exc
+        if isinstance(ended, ProtocolError):
+            await ws.close(code=1002, reason="protocol error")
+        self._session.connection_lost(connection_error(ended, self.url))
 
-    async def submit(self, prepared: core.PreparedJob) -> AsyncJob:
-        """Uploads what the server lacks and submits a prepared job."""
-        unknown = self._session.unknown_images(prepared)
-        status = None
-        if unknown:
-            waiter: asyncio.Future[ImageStatus] = asyncio.get_running_loop().create_future()
-            self._status_waiters.append(waiter)
-            await self._send(core.ClientSession.has_images_message(unknown))
-            status = await waiter
-        state = self._session.start(prepared)
-        job = AsyncJob(self, state)
-        self._jobs[state.job_id] = job
+    async def _images_present(self, prepared: core.PreparedJob, timeout_s: float | None) -> ImageStatus | None:
+        answers: asyncio.Queue[ImageStatus | GenfillError] = asyncio.Queue()
+        await self._connection()
+        message = self._session.begin(prepared, answers.put_nowait)
+        if message is None:
+            return None
+        deadline = Deadline(timeout_or(timeout_s, self._settings.reply_timeout_s))
+        await self._send(message)
         try:
-            for frame in self._session.frames_to_upload(prepared, status):
+            return core.status_or_raise(await asyncio.wait_for(answers.get(), deadline.remaining_s()))
+        except TimeoutError:
+            raise deadline.expired("the server did not answer has_images") from None
+
+    async def submit(self, prepared: core.PreparedJob, *, timeout_s: float | None = None) -> AsyncJob:
+        """As ``Client.submit``. Cancelling it before it returns leaves the job unsubmitted or,
+        once the submit message is out, running without a handle."""
+        status = await self._images_present(prepared, timeout_s)
+        job = AsyncJob(self, prepared)
+        job.state = self._session.start(prepared, job._push)
+        frames = self._session.frames_to_upload(prepared, status)
+        try:
+            for frame in frames:
                 await self._send(frame)
             await self._send(prepared.submit_message())
         except BaseException:
-            self._jobs.pop(state.job_id, None)
-            self._session.jobs.pop(state.job_id, None)
+            self._session.abandon(prepared.job_id)
             raise
         return job
 
     async def submit_fill(self, image: ImageInput, mask: ImageInput, prompt: str = "", **options: Any) -> AsyncJob:
-        """Submits a fill and returns its job handle at once (see ``fill`` for the options)."""
+        """As ``Client.submit_fill``."""
+        await self._connection()
         return await self.submit(self._session.prepare_fill(image, mask, prompt, **options))
 
     async def submit_expand(self, image: ImageInput, **options: Any) -> AsyncJob:
+        """As ``Client.submit_expand``."""
+        await self._connection()
         return await self.submit(self._session.prepare_expand(image, **options))
 
     async def fill(
-        self, image: ImageInput, mask: ImageInput, prompt: str = "", *, on_progress=None, timeout_s=None, **options: Any
+        self, image: ImageInput, mask: ImageInput, prompt: str = "", *, on_progress: core.OnProgress = None,
+        timeout_s: float | None = None, **options: Any
     ) -> core.FillResult:
-        """Fills the selected part of ``image`` and returns the variations.
-
-        Args:
-            image: the canvas: PIL image, ``(H, W[, 3|4])`` uint8 array or path.
-            mask: the selection, same size: 0 keeps, 255 replaces, soft values blend.
-            prompt: what to paint; empty fills from the surroundings.
-            on_progress: ``None`` or a callable taking each ``JobEvent``.
-            timeout_s: ``None`` waits as long as the job takes.
-            **options: the ``FillRequest`` fields: ``mode``, ``engine``, ``model``,
-                ``variations`` (default 3), ``seed``, ``steps``, ``strength``, ``guidance``,
-                ``negative_prompt``, ``scheduler``, ``grow_px``, ``feather_px``, ``blend_px``,
-                ``control``; and ``job_id``, ``result_format``, ``upload_format``.
-
-        Raises:
-            JobFailed, EngineUnavailable, JobCancelled, LimitExceeded, ConnectionClosed.
-        """
+        """As ``Client.fill``. Cancelling it cancels the job on the server."""
+        deadline = Deadline(timeout_or(timeout_s, self._settings.job_timeout_s))
         job = await self.submit_fill(image, mask, prompt, **options)
-        return await self._finish(job, on_progress, timeout_s)
+        return await self._finish(job, on_progress, deadline)
 
     async def expand(
-        self,
-        image: ImageInput,
-        *,
-        left: int = 0,
-        right: int = 0,
-        top: int = 0,
-        bottom: int = 0,
-        prompt: str = "",
-        on_progress=None,
-        timeout_s=None,
-        **options: Any,
+        self, image: ImageInput, *, on_progress: core.OnProgress = None, timeout_s: float | None = None, **options: Any
     ) -> core.FillResult:
-        """Grows the canvas by the margins (pixels) and fills the new area; the original pixels
-        stay unchanged. Options as for ``fill``."""
-        job = await self.submit_expand(
-            image, left=left, right=right, top=top, bottom=bottom, prompt=prompt, **options
-        )
-        return await self._finish(job, on_progress, timeout_s)
+        """As ``Client.expand``. Cancelling it cancels the job on the server."""
+        deadline = Deadline(timeout_or(timeout_s, self._settings.job_timeout_s))
+        job = await self.submit_expand(image, **options)
+        return await self._finish(job, on_progress, deadline)
 
-    async def _finish(self, job: AsyncJob, on_progress, timeout_s: float | None) -> core.FillResult:
-        if on_progress is not None:
-            async with asyncio.timeout(timeout_s):
-                async for event in job:
+    async def _finish(
+        self, job: AsyncJob, on_progress: core.OnProgress, deadline: Deadline
+    ) -> core.FillResult:
+        try:
+            if on_progress is not None:
+                async for event in job._events_by(deadline):
                     on_progress(event)
-        return await job.result(timeout_s)
+            return await job._result_by(deadline)
+        except (Timeout, asyncio.CancelledError):
+            # The caller stopped waiting: the server should stop working on it too.
+            with contextlib.suppress(GenfillError):
+                await job.cancel()
+            raise
 
-    async def health(self) -> dict:
-        async with httpx.AsyncClient(timeout=self._settings.open_timeout_s) as http:
-            try:
-                response = await http.get(self._settings.http_url("/v1/health"))
-            except httpx.HTTPError as exc:
-                raise map_http_error(exc, self.url) from exc
-        return http_get_json(response)
+    async def health(self, timeout_s: float | None = None) -> dict:
+        """As ``Client.health``. Safe to cancel."""
+        return await self._get("/v1/health", {}, timeout_s)
 
-    async def models(self) -> dict:
-        async with httpx.AsyncClient(timeout=self._settings.open_timeout_s) as http:
+    async def models(self, timeout_s: float | None = None) -> dict:
+        """As ``Client.models``. Safe to cancel."""
+        return await self._get("/v1/models", self._settings.auth_headers(), timeout_s)
+
+    async def _get(self, path: str, headers: dict[str, str], timeout_s: float | None) -> dict:
+        seconds = timeout_or(timeout_s, self._settings.reply_timeout_s)
+        async with httpx.AsyncClient(timeout=seconds) as http:
             try:
-                response = await http.get(self._settings.http_url("/v1/models"), headers=self._settings.auth_headers())
-            except httpx.HTTPError as exc:
-                raise map_http_error(exc, self.url) from exc
+                response = await http.get(self._settings.http_url(path), headers=headers)
+            except HTTP_ERRORS as exc:
+                raise map_http_error(exc, self.url, seconds) from exc
         return http_get_json(response)

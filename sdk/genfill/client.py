@@ -1,13 +1,17 @@
 """``Client``: the blocking client, on ``websockets.sync.client``.
 
-A reader thread receives frames and feeds them to the shared ``ClientSession``; calls block
-until their job's events arrive. It only moves bytes; ``genfill.session`` decides what they mean.
+A reader thread feeds every frame to the shared ``ClientSession``, which routes what it means
+to the queue of the call waiting for it; calls block on their own queue with a deadline. Only
+moving bytes and waiting happen here: ``genfill.session`` decides, for both clients.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import inspect
 import queue
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -17,10 +21,32 @@ import websockets
 from websockets.sync.client import ClientConnection, connect
 
 from . import session as core
-from .errors import ConnectionClosed, GenfillError, ProtocolError, error_for_code
+from .errors import ConnectionClosed, GenfillError, ProtocolError, Timeout
 from .images import ImageInput
-from .protocol import Error, ImageStatus, Limits
-from .transport import ConnectionSettings, http_get_json, map_connect_error, map_http_error
+from .protocol import Hello, ImageStatus
+from .transport import (
+    CONNECT_ERRORS,
+    HTTP_ERRORS,
+    BaseClient,
+    Deadline,
+    connection_error,
+    http_get_json,
+    map_connect_error,
+    map_http_error,
+    timeout_or,
+)
+
+# websockets 17.1 deprecates calling the sync connect() outside a ``with`` unless
+# ``legacy=True`` is passed; older releases hand unknown keywords to
+# socket.create_connection, which raises TypeError. The connection here outlives the call
+# (close() ends it), so pass the flag exactly where it exists.
+_LEGACY: dict[str, Any] = {"legacy": True} if "legacy" in inspect.signature(connect).parameters else {}
+
+
+def _shut_down(ws: ClientConnection, stalled: threading.Event) -> None:
+    stalled.set()
+    with contextlib.suppress(OSError):
+        ws.socket.shutdown(socket.SHUT_RDWR)
 
 
 def _refuse_inside_event_loop(method: str) -> None:
@@ -31,84 +57,96 @@ def _refuse_inside_event_loop(method: str) -> None:
     raise RuntimeError(f"Client.{method}() blocks, and this thread runs an event loop: use AsyncClient here")
 
 
-class Job:
+class Job(core.JobHandle):
     """A submitted job. Iterate it for events, call ``result()``, or ``cancel()`` it."""
 
-    def __init__(self, client: Client, state: core.JobState) -> None:
-        self._client = client
-        self.state = state
-        self.job_id = state.job_id
-        self._events: queue.SimpleQueue[core.JobEvent] = queue.SimpleQueue()
-        self._done = threading.Event()
-
-    def _push(self, events: list[core.JobEvent]) -> None:
-        for event in events:
-            self._events.put(event)
-        if self.state.finished:
-            self._done.set()
+    def __init__(self, client: Client, prepared: core.PreparedJob) -> None:
+        super().__init__(client, prepared, queue.SimpleQueue(), threading.Event())
 
     def __iter__(self) -> Iterator[core.JobEvent]:
-        """Yields events until the job's terminal event (included)."""
+        return self.events()
+
+    def events(self, timeout_s: float | None = None) -> Iterator[core.JobEvent]:
+        """Yields events until the job's terminal event (included).
+
+        Args:
+            timeout_s: the most seconds to wait for the terminal event, counted from this
+                call; ``None`` means the client's ``job_timeout_s`` (600 s unless set).
+
+        Raises:
+            Timeout: the job did not end in time (it goes on: ``cancel()`` stops it).
+        """
+        _refuse_inside_event_loop("events")
+        return self._events_by(Deadline(timeout_or(timeout_s, self._client._settings.job_timeout_s)))
+
+    def _events_by(self, deadline: Deadline) -> Iterator[core.JobEvent]:
         while True:
-            event = self._events.get()
+            try:
+                event = self._events.get(timeout=deadline.remaining_s())
+            except queue.Empty:
+                raise deadline.expired(f"job {self.job_id} did not finish") from None
             yield event
-            if event.kind in ("result", "error", "cancelled"):
+            if event.kind in core.TERMINAL_KINDS:
                 return
 
     def result(self, timeout_s: float | None = None) -> core.FillResult:
-        """Blocks until the job ends and returns its result, or raises its error."""
+        """Blocks until the job ends and returns its result, or raises its error.
+
+        Args:
+            timeout_s: the most seconds to wait; ``None`` means the client's ``job_timeout_s``.
+
+        Raises:
+            Timeout: the job did not end in time (it goes on: ``cancel()`` stops it).
+            JobFailed, JobCancelled, EngineUnavailable, Unsupported, ConnectionClosed: the
+                job's own error.
+        """
         _refuse_inside_event_loop("result")
-        if not self._done.wait(timeout_s):
-            raise TimeoutError(f"job {self.job_id} did not finish within {timeout_s} s")
+        return self._result_by(Deadline(timeout_or(timeout_s, self._client._settings.job_timeout_s)))
+
+    def _result_by(self, deadline: Deadline) -> core.FillResult:
+        if not self._done.wait(deadline.remaining_s()):
+            raise deadline.expired(f"job {self.job_id} did not finish")
         return self.state.outcome()
 
     def cancel(self) -> None:
-        """Asks the server to stop the job; ``result()`` then raises ``JobCancelled``."""
+        """Asks the server to stop the job; ``result()`` then raises ``JobCancelled``.
+
+        Raises:
+            ConnectionClosed: the connection has ended.
+        """
         if not self.state.finished:
             self._client._send(core.ClientSession.cancel_message(self.job_id))
 
 
-class Client:
+class Client(BaseClient):
     """Talks to a genfill server from ordinary (blocking) code.
+
+    Connects on first use (or on ``with``/``connect()``); one client may be shared by several
+    threads, each call blocking only its own thread. Every wait has a deadline; the defaults
+    below apply where a call's ``timeout_s`` is ``None``.
 
     Args:
         url: ``ws://host:port``; ``None`` reads the running server's state file.
         token: the server's token; ``None`` reads it from the state file.
         state_file: where to read url and token; ``None`` means the default path.
-        open_timeout_s: how long to wait for the connection and the server's hello.
+        open_timeout_s: seconds to connect and get the server's hello (default 10).
+        reply_timeout_s: seconds for one answer (``has_images``, closing, ``health``,
+            ``models``) and for the server to take one frame we send (default 30).
+        job_timeout_s: seconds a job may take from submit to result (default 600).
 
-    Use as ``with Client() as client: result = client.fill(image, mask)``. One client may be
-    shared by several threads; each call blocks only its own thread.
+    Raises:
+        ConnectError: no url given and no running server's state file found.
+        InvalidInput: the url or a timeout is malformed.
+
+    Use as ``with Client() as client: result = client.fill(image, mask)``.
     """
 
-    def __init__(
-        self,
-        url: str | None = None,
-        *,
-        token: str | None = None,
-        state_file: str | None = None,
-        open_timeout_s: float = 10.0,
-    ) -> None:
-        self._settings = ConnectionSettings.resolve(url, token, state_file, open_timeout_s)
-        self._session = core.ClientSession()
+    def _init_io(self) -> None:
         self._ws: ClientConnection | None = None
         self._reader: threading.Thread | None = None
+        # One lock for the session: the reader thread and calling threads both touch it.
         self._lock = threading.Lock()
-        self._jobs: dict[str, Job] = {}
-        self._status_waiters: list[queue.SimpleQueue[ImageStatus | GenfillError]] = []
-        self._closed_error: GenfillError | None = None
-
-    @property
-    def url(self) -> str:
-        return self._settings.url
-
-    @property
-    def limits(self) -> Limits:
-        return self._session.limits
-
-    @property
-    def hello(self):
-        return self._session.hello
+        self._connect_lock = threading.Lock()
 
     def __enter__(self) -> Client:
         self.connect()
@@ -123,116 +161,159 @@ class Client:
     async def __aexit__(self, *exc_info: object) -> None:  # pragma: no cover - __aenter__ always raises
         pass
 
-    def connect(self) -> None:
-        """Opens the websocket and reads the server's hello."""
-        _refuse_inside_event_loop("connect")
-        if self._ws is not None:
-            return
-        settings = self._settings
-        try:
-            # The connection outlives this call (closed by close()), hence no context manager.
-            self._ws = connect(settings.url, legacy=True, **settings.websocket_options())
-            hello = self._ws.recv(timeout=settings.open_timeout_s)
-        except (OSError, TimeoutError, websockets.exceptions.WebSocketException) as exc:
-            raise map_connect_error(exc, settings.url) from exc
-        self._session.receive_hello(hello)
-        self._reader = threading.Thread(target=self._read_loop, name="genfill-reader", daemon=True)
-        self._reader.start()
+    def connect(self, timeout_s: float | None = None) -> Hello:
+        """Opens the websocket and reads the server's hello, unless already connected.
 
-    def close(self) -> None:
-        """Closes the connection; jobs still running on it are cancelled by the server."""
-        if self._ws is not None:
-            self._ws.close()
-        if self._reader is not None and self._reader is not threading.current_thread():
-            self._reader.join()
-        self._ws = None
-        self._reader = None
+        Every other call connects by itself when needed; this only makes it happen now.
+
+        Args:
+            timeout_s: seconds for the connection and the hello; ``None`` means the client's
+                ``open_timeout_s``.
+
+        Returns:
+            The server's hello.
+
+        Raises:
+            ConnectError: nothing listens at the url or it refused the handshake.
+            AuthenticationError: the token was refused.
+            ConnectTimeout: no hello in time.
+            ProtocolError: the server speaks another major protocol version.
+            ConnectionClosed: this client was closed.
+        """
+        _refuse_inside_event_loop("connect")
+        with self._connect_lock:
+            if (hello := self._session.ready()) is not None:
+                return hello
+            settings = self._settings
+            deadline = Deadline(timeout_or(timeout_s, settings.open_timeout_s))
+            try:
+                ws = connect(settings.url, open_timeout=deadline.seconds, **_LEGACY, **settings.websocket_options())
+            except CONNECT_ERRORS as exc:
+                raise map_connect_error(exc, settings.url, deadline.seconds) from exc
+            try:
+                hello = self._session.receive_hello(ws.recv(timeout=deadline.remaining_s()))
+            except BaseException as exc:
+                ws.close()
+                if isinstance(exc, CONNECT_ERRORS) and not isinstance(exc, GenfillError):
+                    raise map_connect_error(exc, settings.url, deadline.seconds) from exc
+                raise
+            self._ws = ws
+            self._reader = threading.Thread(target=self._read_loop, args=(ws,), name="genfill-reader", daemon=True)
+            self._reader.start()
+            return hello
+
+    def close(self, timeout_s: float | None = None) -> None:
+        """Closes the connection; jobs still running on it are cancelled by the server.
+
+        Jobs still waited on here end with ``ConnectionClosed``; later calls raise it.
+
+        Args:
+            timeout_s: seconds to wait for the server to acknowledge the close; ``None``
+                means the client's ``reply_timeout_s``. Past it the socket is dropped.
+        """
+        seconds = timeout_or(timeout_s, self._settings.reply_timeout_s)
+        with self._connect_lock:
+            ws, reader = self._ws, self._reader
+            with self._lock:
+                self._session.connection_lost(ConnectionClosed(f"the client for {self.url} was closed"))
+        if ws is not None:
+            ws.close_timeout = seconds
+            ws.close()
+        if reader is not None and reader is not threading.current_thread():
+            reader.join(seconds)
+
+    def _connection(self) -> ClientConnection:
+        if self._ws is None:
+            self.connect()
+        assert self._ws is not None
+        return self._ws
 
     def _send(self, data: str | bytes) -> None:
-        if self._ws is None:
-            raise RuntimeError("Client is not connected: use 'with Client()' or call connect()")
-        if self._closed_error is not None:
-            raise self._closed_error
+        ws = self._connection()
+        seconds = self._settings.reply_timeout_s
+        # websockets' sync send has no timeout: against a server that stops reading it blocks
+        # in sendall once the socket buffers are full. Shutting the socket down ends it.
+        stalled = threading.Event()
+        watchdog = threading.Timer(seconds, _shut_down, (ws, stalled))
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            self._ws.send(data)
+            ws.send(data)
         except websockets.exceptions.ConnectionClosed as exc:
-            raise ConnectionClosed(f"connection to {self.url} closed: {exc}") from exc
+            if stalled.is_set():
+                raise Timeout(f"the server at {self.url} took no data for {seconds:g} s", code="timeout") from exc
+            raise self._session.closed or connection_error(exc, self.url) from exc
+        finally:
+            watchdog.cancel()
 
-    def _read_loop(self) -> None:
-        assert self._ws is not None
-        error: GenfillError
+    def _read_loop(self, ws: ClientConnection) -> None:
+        ended: BaseException | None = None
         try:
-            for data in self._ws:
+            for data in ws:
                 with self._lock:
-                    if isinstance(data, bytes):
-                        self._session.receive_binary(data)
-                        continue
-                    state, message, events = self._session.receive_text(data)
-                    if isinstance(message, ImageStatus) and self._status_waiters:
-                        self._status_waiters.pop(0).put(message)
-                    elif isinstance(message, Error) and message.job_id is None and self._status_waiters:
-                        self._status_waiters.pop(0).put(error_for_code(message.code, message.message))
-                    elif state is not None and state.job_id in self._jobs:
-                        job = self._jobs[state.job_id]
-                        job._push(events)
-                        if state.finished:
-                            self._jobs.pop(state.job_id, None)
-            error = ConnectionClosed(f"server at {self.url} closed the connection")
-        except websockets.exceptions.ConnectionClosed as exc:
-            error = ConnectionClosed(f"connection to {self.url} lost: {exc}")
-        except ProtocolError as exc:
-            error = exc
-            self._ws.close(code=1002, reason="protocol error")
+                    self._session.receive(data)
+        except (websockets.exceptions.ConnectionClosed, ProtocolError) as exc:
+            ended = exc
+        if isinstance(ended, ProtocolError):
+            ws.close(code=1002, reason="protocol error")
         with self._lock:
-            self._closed_error = error
-            for state, events in self._session.fail_all(error):
-                job = self._jobs.pop(state.job_id, None)
-                if job is not None:
-                    job._push(events)
-            for waiter in self._status_waiters:
-                waiter.put(error)
-            self._status_waiters.clear()
+            self._session.connection_lost(connection_error(ended, self.url))
 
-    def submit(self, prepared: core.PreparedJob) -> Job:
-        """Uploads what the server lacks and submits a prepared job."""
-        _refuse_inside_event_loop("submit")
-        unknown = self._session.unknown_images(prepared)
-        status = None
-        if unknown:
-            waiter: queue.SimpleQueue[ImageStatus | GenfillError] = queue.SimpleQueue()
-            with self._lock:
-                if self._closed_error is not None:
-                    raise self._closed_error
-                self._status_waiters.append(waiter)
-            self._send(core.ClientSession.has_images_message(unknown))
-            answer = waiter.get()
-            if isinstance(answer, GenfillError):
-                raise answer
-            status = answer
+    def _images_present(self, prepared: core.PreparedJob, timeout_s: float | None) -> ImageStatus | None:
+        answers: queue.SimpleQueue[ImageStatus | GenfillError] = queue.SimpleQueue()
+        self._connection()
         with self._lock:
-            state = self._session.start(prepared)
-            job = Job(self, state)
-            self._jobs[state.job_id] = job
+            message = self._session.begin(prepared, answers.put)
+        if message is None:
+            return None
+        deadline = Deadline(timeout_or(timeout_s, self._settings.reply_timeout_s))
+        self._send(message)
         try:
-            for frame in self._session.frames_to_upload(prepared, status):
+            return core.status_or_raise(answers.get(timeout=deadline.remaining_s()))
+        except queue.Empty:
+            raise deadline.expired("the server did not answer has_images") from None
+
+    def submit(self, prepared: core.PreparedJob, *, timeout_s: float | None = None) -> Job:
+        """Uploads what the server lacks and submits a prepared job.
+
+        Args:
+            prepared: from ``ClientSession.prepare_fill`` or ``prepare_expand``.
+            timeout_s: seconds to wait for the server's answer to ``has_images``; ``None``
+                means the client's ``reply_timeout_s``.
+
+        Raises:
+            Unsupported: the request needs a feature this server lacks (nothing is sent).
+            Timeout, ConnectionClosed, and what ``connect`` raises.
+        """
+        _refuse_inside_event_loop("submit")
+        status = self._images_present(prepared, timeout_s)
+        job = Job(self, prepared)
+        with self._lock:
+            job.state = self._session.start(prepared, job._push)
+            frames = self._session.frames_to_upload(prepared, status)
+        try:
+            for frame in frames:
                 self._send(frame)
             self._send(prepared.submit_message())
         except BaseException:
             with self._lock:
-                self._jobs.pop(state.job_id, None)
-                self._session.jobs.pop(state.job_id, None)
+                self._session.abandon(prepared.job_id)
             raise
         return job
 
     def submit_fill(self, image: ImageInput, mask: ImageInput, prompt: str = "", **options: Any) -> Job:
         """Submits a fill and returns its job handle at once (see ``fill`` for the options)."""
+        self._connection()
         return self.submit(self._session.prepare_fill(image, mask, prompt, **options))
 
     def submit_expand(self, image: ImageInput, **options: Any) -> Job:
+        """Submits an expand and returns its job handle at once (see ``expand``)."""
+        self._connection()
         return self.submit(self._session.prepare_expand(image, **options))
 
     def fill(
-        self, image: ImageInput, mask: ImageInput, prompt: str = "", *, on_progress=None, timeout_s=None, **options: Any
+        self, image: ImageInput, mask: ImageInput, prompt: str = "", *, on_progress: core.OnProgress = None,
+        timeout_s: float | None = None, **options: Any
     ) -> core.FillResult:
         """Fills the selected part of ``image`` and returns the variations.
 
@@ -241,56 +322,67 @@ class Client:
             mask: the selection, same size: 0 keeps, 255 replaces, soft values blend.
             prompt: what to paint; empty fills from the surroundings.
             on_progress: ``None`` or a callable taking each ``JobEvent``.
-            timeout_s: ``None`` waits as long as the job takes.
+            timeout_s: seconds the job may take; ``None`` means the client's
+                ``job_timeout_s`` (600 s unless set). On timeout the job is cancelled.
             **options: the ``FillRequest`` fields: ``mode``, ``engine``, ``model``,
                 ``variations`` (default 3), ``seed``, ``steps``, ``strength``, ``guidance``,
                 ``negative_prompt``, ``scheduler``, ``grow_px``, ``feather_px``, ``blend_px``,
-                ``control``; and ``job_id``, ``result_format``, ``upload_format``.
+                ``control``, ``references`` (a list of ``ImageReference`` or dicts of its
+                fields whose ``image`` may be pixels; needs the server's ``references``
+                feature); and ``job_id``, ``result_format``, ``upload_format``.
 
         Raises:
-            JobFailed, EngineUnavailable, JobCancelled, LimitExceeded, ConnectionClosed.
+            InvalidInput: a bad image, mask or option, before anything is sent.
+            Unsupported: ``references`` given and the server does not offer them.
+            Timeout, JobFailed, EngineUnavailable, JobCancelled, LimitExceeded,
+            ConnectionClosed, GenfillError (an error code this SDK does not know).
         """
+        deadline = Deadline(timeout_or(timeout_s, self._settings.job_timeout_s))
         job = self.submit_fill(image, mask, prompt, **options)
-        return self._finish(job, on_progress, timeout_s)
+        return self._finish(job, on_progress, deadline)
 
     def expand(
-        self,
-        image: ImageInput,
-        *,
-        left: int = 0,
-        right: int = 0,
-        top: int = 0,
-        bottom: int = 0,
-        prompt: str = "",
-        on_progress=None,
-        timeout_s=None,
-        **options: Any,
+        self, image: ImageInput, *, on_progress: core.OnProgress = None, timeout_s: float | None = None, **options: Any
     ) -> core.FillResult:
-        """Grows the canvas by the margins (pixels) and fills the new area; the original pixels
-        stay unchanged. Options as for ``fill``."""
-        job = self.submit_expand(image, left=left, right=right, top=top, bottom=bottom, prompt=prompt, **options)
-        return self._finish(job, on_progress, timeout_s)
+        """Grows the canvas by ``left``, ``right``, ``top`` and ``bottom`` (pixels, default 0)
+        and fills the new area; the original pixels stay unchanged. Other options, errors and
+        ``timeout_s`` as for ``fill``."""
+        deadline = Deadline(timeout_or(timeout_s, self._settings.job_timeout_s))
+        job = self.submit_expand(image, **options)
+        return self._finish(job, on_progress, deadline)
 
-    def _finish(self, job: Job, on_progress, timeout_s: float | None) -> core.FillResult:
-        if on_progress is not None:
-            for event in job:
-                on_progress(event)
-        return job.result(timeout_s)
-
-    def health(self) -> dict:
+    def _finish(self, job: Job, on_progress: core.OnProgress, deadline: Deadline) -> core.FillResult:
         try:
-            response = httpx.get(self._settings.http_url("/v1/health"), timeout=self._settings.open_timeout_s)
-        except httpx.HTTPError as exc:
-            raise map_http_error(exc, self.url) from exc
-        return http_get_json(response)
+            if on_progress is not None:
+                for event in job._events_by(deadline):
+                    on_progress(event)
+            return job._result_by(deadline)
+        except Timeout:
+            # The caller stopped waiting: the server should stop working on it too.
+            with contextlib.suppress(GenfillError):
+                job.cancel()
+            raise
 
-    def models(self) -> dict:
+    def health(self, timeout_s: float | None = None) -> dict:
+        """The server's ``/v1/health`` answer; needs no websocket.
+
+        Args:
+            timeout_s: seconds for the request; ``None`` means the client's ``reply_timeout_s``.
+
+        Raises:
+            ConnectError, Timeout, AuthenticationError, ProtocolError.
+        """
+        return self._get("/v1/health", {}, timeout_s)
+
+    def models(self, timeout_s: float | None = None) -> dict:
+        """The server's ``/v1/models`` catalogue (engines, models, default engine). Args and
+        errors as for ``health``."""
+        return self._get("/v1/models", self._settings.auth_headers(), timeout_s)
+
+    def _get(self, path: str, headers: dict[str, str], timeout_s: float | None) -> dict:
+        seconds = timeout_or(timeout_s, self._settings.reply_timeout_s)
         try:
-            response = httpx.get(
-                self._settings.http_url("/v1/models"),
-                headers=self._settings.auth_headers(),
-                timeout=self._settings.open_timeout_s,
-            )
-        except httpx.HTTPError as exc:
-            raise map_http_error(exc, self.url) from exc
+            response = httpx.get(self._settings.http_url(path), headers=headers, timeout=seconds)
+        except HTTP_ERRORS as exc:
+            raise map_http_error(exc, self.url, seconds) from exc
         return http_get_json(response)

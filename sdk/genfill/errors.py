@@ -1,11 +1,19 @@
 """Exceptions raised by the genfill SDK.
 
 Every error the server reports carries a stable ``code`` (``genfill.protocol.ErrorCode``);
-``error_for_code`` is the one place that maps codes to classes. The tree::
+``error_for_code`` is the one place that maps codes to classes. Codes are an open set: one
+this SDK does not know (a newer server's) raises the root ``GenfillError`` with the server's
+message and code. The tree::
 
     GenfillError
+    ├── InvalidInput (ValueError)    a bad argument: image file unreadable or missing, array of
+    │                                the wrong dtype or shape, an option out of range; raised
+    │                                before anything is sent. Also a ValueError, so
+    │                                ``except ValueError`` keeps working.
+    ├── Timeout (TimeoutError)       a wait passed its deadline (connect, reply, job, close)
     ├── ConnectError                 the server could not be reached or refused the handshake
-    │   └── AuthenticationError      wrong or missing token, refused origin or host
+    │   ├── AuthenticationError      wrong or missing token, refused origin or host
+    │   └── ConnectTimeout (Timeout) no hello within the open timeout
     ├── ProtocolError                a malformed or unexpected message, either direction
     ├── LimitExceeded                over one of the server's announced limits
     ├── ConnectionClosed             the connection dropped while a call was waiting
@@ -31,11 +39,23 @@ class GenfillError(Exception):
         self.job_id = job_id
 
 
+class InvalidInput(GenfillError, ValueError):
+    pass
+
+
+class Timeout(GenfillError, TimeoutError):
+    pass
+
+
 class ConnectError(GenfillError):
     pass
 
 
 class AuthenticationError(ConnectError):
+    pass
+
+
+class ConnectTimeout(ConnectError, Timeout):
     pass
 
 
@@ -91,6 +111,11 @@ _CLASS_BY_CODE: dict[ErrorCode, type[GenfillError]] = {
     ErrorCode.MODEL_NOT_FOUND: EngineUnavailable,
     ErrorCode.WEIGHTS_NOT_INSTALLED: EngineUnavailable,
     ErrorCode.UNSUPPORTED: Unsupported,
+    ErrorCode.REMOTE_AUTH_FAILED: JobFailed,
+    ErrorCode.REMOTE_QUOTA_EXCEEDED: JobFailed,
+    ErrorCode.MODERATED: JobFailed,
+    ErrorCode.REMOTE_UNAVAILABLE: JobFailed,
+    ErrorCode.REMOTE_TIMEOUT: JobFailed,
 }
 
 

@@ -32,7 +32,7 @@ result to the untouched context, and :func:`compositing_mask`, :func:`make_layer
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, TypeGuard
 
 import numpy as np
 
@@ -101,7 +101,7 @@ class EmptyMaskError(ValueError):
 # --- validation -------------------------------------------------------------------------
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int | np.integer]:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
@@ -357,7 +357,7 @@ def _bilinear_taps(in_length: int, out_length: int) -> tuple[np.ndarray, np.ndar
 def _resample_axis(image: np.ndarray, axis: int, indices: np.ndarray, weights: np.ndarray) -> np.ndarray:
     broadcast = [1] * image.ndim
     broadcast[axis] = -1
-    result = None
+    result: np.ndarray | None = None
     for tap in range(indices.shape[1]):
         term = np.take(image, indices[:, tap], axis=axis)
         term *= weights[:, tap].reshape(broadcast)
@@ -365,6 +365,7 @@ def _resample_axis(image: np.ndarray, axis: int, indices: np.ndarray, weights: n
             result = term
         else:
             result += term
+    assert result is not None, "indices has at least one tap"
     return result
 
 
@@ -667,7 +668,7 @@ class ColourStatistics(NamedTuple):
     mean and the sum of their squared deviations from it, so that the statistics of disjoint
     parts merge exactly (:func:`merge_statistics`)."""
 
-    count: int
+    count: int  # type: ignore[assignment]  # shadows tuple.count, which nothing calls
     mean: np.ndarray
     squares: np.ndarray
 

@@ -35,9 +35,18 @@ import json
 import re
 import struct
 from enum import StrEnum
-from typing import Annotated, Literal, NamedTuple, Union
+from typing import Annotated, Literal, NamedTuple
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 PROTOCOL_VERSION = 1
 """The major version: a client refuses a server of another major version. Additions are
@@ -140,6 +149,16 @@ class ErrorCode(StrEnum):
     SHUTTING_DOWN = "shutting_down"
     UNSUPPORTED = "unsupported"
     """The request asks for a feature, option or reference role the server or engine lacks."""
+    REMOTE_AUTH_FAILED = "remote_auth_failed"
+    """A cloud provider refused the server's API key or token (its 401 or 403)."""
+    REMOTE_QUOTA_EXCEEDED = "remote_quota_exceeded"
+    """The cloud account is out of credits or quota (402, or a quota 429)."""
+    MODERATED = "moderated"
+    """A cloud provider's safety system refused the prompt, the image or its own result."""
+    REMOTE_UNAVAILABLE = "remote_unavailable"
+    """A cloud provider could not be reached or kept failing (network down, 5xx after retries)."""
+    REMOTE_TIMEOUT = "remote_timeout"
+    """A cloud provider did not answer within the job's deadline."""
 
 
 class _Message(BaseModel):
@@ -326,7 +345,7 @@ class Cancel(_Message):
     job_id: JobId
 
 
-ClientMessage = Annotated[Union[HasImages, Submit, Cancel], Field(discriminator="type")]
+ClientMessage = Annotated[HasImages | Submit | Cancel, Field(discriminator="type")]
 
 
 # Server -> client
@@ -378,6 +397,10 @@ class ModelInfo(_ServerMessage):
     source: str = Field(description="where it was found: hf_cache, folder or single_file")
     modes: _KnownModes
     control: _KnownControlTypes = Field(default_factory=list)
+    remote: bool = False
+    """The model runs at a cloud provider: the context crop of the image leaves this machine."""
+    host: str | None = None
+    """For a remote model, the host its requests go to (``api.openai.com``); ``None`` for local ones."""
 
 
 class Hello(_ServerMessage):
@@ -467,7 +490,7 @@ class Cancelled(_ServerMessage):
 
 
 ServerMessage = Annotated[
-    Union[Hello, ImageStatus, Uploaded, Accepted, Progress, Result, Error, Cancelled],
+    Hello | ImageStatus | Uploaded | Accepted | Progress | Result | Error | Cancelled,
     Field(discriminator="type"),
 ]
 

@@ -46,6 +46,16 @@ def _parser() -> argparse.ArgumentParser:
         "--default-engine", default=None,
         help="engine for requests naming no engine or model (default: classic, which needs no weights)",
     )
+    serve.add_argument(
+        "--remote", default="",
+        help="cloud providers to switch on, comma-separated (openai, bfl, imagen): the context crop of each "
+        "image filled with their models is sent to them. Off by default",
+    )
+    serve.add_argument(
+        "--remote-config", type=Path, default=None,
+        help="TOML file of the cloud providers' settings (default $GENFILL_REMOTE_CONFIG, else "
+        "~/.config/genfill/remote.toml if it exists); a table with enabled = true switches its provider on",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     fill = commands.add_parser("fill", help="fill the selected part of an image")
@@ -111,7 +121,10 @@ def _serve(args: argparse.Namespace) -> int:
     from .engines import default_engines
 
     try:
-        engines = default_engines(args.models_dir, default_engine=args.default_engine, offload=args.offload)
+        remote = _remote_config(args)
+        engines = default_engines(
+            args.models_dir, default_engine=args.default_engine, offload=args.offload, remote=remote
+        )
     except ValueError as exc:
         print(f"genfill: {exc}", file=sys.stderr)
         return 2
@@ -131,6 +144,26 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"genfill: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _remote_config(args: argparse.Namespace) -> dict:
+    """The cloud providers switched on and their settings; each is checked here, so a missing
+    key or a bad setting stops ``serve`` with its message instead of leaving the provider out."""
+    from .engines import discover_providers
+    from .engines.remote import check_remote_config, load_remote_config
+
+    path = args.remote_config
+    if path is None and os.environ.get("GENFILL_REMOTE_CONFIG"):
+        path = Path(os.environ["GENFILL_REMOTE_CONFIG"])
+    if path is None:
+        default = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "genfill" / "remote.toml"
+        path = default if default.is_file() else None
+    names = [name.strip() for name in args.remote.split(",") if name.strip()]
+    remote = load_remote_config(path, names)
+    check_remote_config(remote, known=discover_providers())
+    for name in remote:
+        logger.warning("cloud provider %s is on: images filled with its models leave this machine", name)
+    return remote
 
 
 async def _serve_until_signalled(config: ServerConfig, engines) -> None:
@@ -220,7 +253,8 @@ def _models(args: argparse.Namespace) -> int:
                     prompt = "uses the prompt" if capabilities["prompt"] else "ignores the prompt"
                     print(f"  {prompt}; takes {takes}; runs on {capabilities['device_kind']}")
             for model in catalogue["models"]:
-                print(f"model {model['name']} ({model['architecture']}, {model['engine']}, from {model['source']})")
+                where = f"; sends images to {model['host']}" if model.get("remote") else ""
+                print(f"model {model['name']} ({model['architecture']}, {model['engine']}, from {model['source']}{where})")
             if not catalogue["models"]:
                 print("no diffusion models installed")
             return 0

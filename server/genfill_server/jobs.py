@@ -116,8 +116,8 @@ class Job:
     selection: np.ndarray
     seeds: list[int]
     engine_name: str
-    lane: DeviceKind = DeviceKind.GPU
-    """The lane it waits in: its engine's device kind."""
+    lane: str = DeviceKind.GPU
+    """The lane it waits in: its engine's device kind, or its engine's own lane."""
     references: tuple[tuple[ImageReference, np.ndarray], ...] = ()
     """The request's extra images, decoded, each with its reference (a ``ControlInput`` with
     an image among them, as a ``control`` reference); ``crop="context"`` ones are the size of

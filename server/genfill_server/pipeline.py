@@ -8,6 +8,7 @@ the composite there is the input, bit for bit, whatever the engine returns.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -15,8 +16,6 @@ import numpy as np
 from genfill import fill
 from genfill.fill import Box, Size
 from genfill.images import to_mask
-from collections.abc import Sequence
-
 from genfill.protocol import ErrorCode, FillRequest, ImageReference, Mode, ReferenceRole
 
 from .engines.base import ControlSpec, Engine, EngineJob, EngineOptions, EngineReference, StepCallback
@@ -296,7 +295,7 @@ def finish_fill(engine: Engine, prepared: PreparedFill, generated: list[np.ndarr
         image = np.ascontiguousarray(image[changed.slices])
         if transform is not None:
             # Each pixel's colour depends on that pixel only: the bands join seamlessly.
-            bands = _side_by_side(lambda part: fill.apply_colour_transform(part, transform), _row_bands(image))
+            bands = _side_by_side(lambda part, transform=transform: fill.apply_colour_transform(part, transform), _row_bands(image))
             image = np.concatenate(bands) if len(bands) > 1 else bands[0]
         layers.append(fill.make_layer(image, layer_alpha))
     box = Box(context.x + changed.x, context.y + changed.y, changed.width, changed.height)

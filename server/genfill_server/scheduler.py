@@ -90,7 +90,9 @@ class Scheduler:
         self.batching = batching
         self.batch_wait_s = batch_wait_s
         self.clients: dict[int, ClientState] = {}
-        self.lanes: dict[DeviceKind, FairQueue] = {kind: FairQueue() for kind in DeviceKind}
+        self.lanes: dict[str, FairQueue] = {kind: FairQueue() for kind in DeviceKind}
+        for lane in engines.own_lanes():
+            self.lanes[lane] = FairQueue()
         self._workers: list[asyncio.Task] = []
 
     # Lanes and workers
@@ -99,6 +101,8 @@ class Scheduler:
         workers = [(DeviceKind.GPU, device) for device in self.devices]
         workers.append((DeviceKind.CPU, _CPU_DEVICE))
         workers += [(DeviceKind.REMOTE, _REMOTE_DEVICE)] * _REMOTE_WORKERS
+        for lane, count in self.engines.own_lanes().items():
+            workers += [(lane, _REMOTE_DEVICE)] * count
         for kind, device in workers:
             self._workers.append(asyncio.create_task(self._worker(kind, device), name=f"genfill-worker-{kind}-{device}"))
 
@@ -136,7 +140,7 @@ class Scheduler:
         """The fingerprint and answer of ``job_id`` if the client was answered it lately."""
         return client.finished.get(job_id)
 
-    async def _worker(self, kind: DeviceKind, device: str) -> None:
+    async def _worker(self, kind: str, device: str) -> None:
         # The answers of the last engine batch (colour match, layers, frames) are made while
         # the worker takes and runs the next one; at most one batch is being answered at a
         # time, so answers keep their order and what waits for them stays bounded.

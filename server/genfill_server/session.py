@@ -37,7 +37,7 @@ from pydantic import ValidationError
 
 from .engines import EngineSet
 from .errors import RequestError
-from .images import StoredImage, ImageStore, decode_upload
+from .images import ImageStore, StoredImage, decode_upload
 from .jobs import Job
 from .pipeline import prepare_canvas
 from .scheduler import ClientState, Scheduler, fingerprint
@@ -178,7 +178,7 @@ class ServerSession:
             selection,
             seeds,
             admission.engine,
-            lane=admission.capabilities.device_kind,
+            lane=admission.lane or admission.capabilities.device_kind,
             references=self._references(request, canvas),
             warnings=admission.warnings,
         )

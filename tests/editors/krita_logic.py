@@ -171,9 +171,8 @@ def scenario_import_zip(job, out):
     importer = PluginImporter(job["zip"], job["resources"], lambda plugin: True)
     out["imported"] = [plugin["name"] for plugin in importer.import_all()]
     sys.path.insert(0, os.path.join(job["resources"], "pykrita"))
-    from genfill_krita.adapter import KritaDocument  # noqa: F401 - the imported copy must load
-
     import genfill_krita
+    from genfill_krita.adapter import KritaDocument  # noqa: F401 - the imported copy must load
 
     out["module"] = genfill_krita.__file__
 

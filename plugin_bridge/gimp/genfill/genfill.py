@@ -30,9 +30,8 @@ import gi  # noqa: E402
 
 gi.require_version("Gimp", "3.0")
 gi.require_version("Gegl", "0.4")
-from gi.repository import Gegl, Gimp, GLib, GObject  # noqa: E402
-
 import genfill_bridge as gb  # noqa: E402
+from gi.repository import Gegl, Gimp, GLib, GObject  # noqa: E402
 
 FILL = "python-fu-genfill-fill"
 EXPAND = "python-fu-genfill-expand"

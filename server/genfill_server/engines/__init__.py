@@ -19,15 +19,16 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from genfill.protocol import EngineInfo, ErrorCode, FillRequest, Mode, ResultWarning
 
 from ..errors import RequestError
 from ..registry import ModelRegistry
-from .base import Engine, EngineCapabilities
+from .base import DeviceKind, Engine, EngineCapabilities
 from .spec import EngineSpec, Provider, ProviderContext
 
 __all__ = ["Admission", "EngineSet", "EngineSpec", "ProviderContext", "default_engines", "discover_providers"]
@@ -43,6 +44,8 @@ class Admission:
     engine: str
     capabilities: EngineCapabilities
     warnings: tuple[ResultWarning, ...] = ()
+    lane: str = ""
+    """The lane its job waits in (``EngineSet.lane_of``)."""
 
 
 @dataclass
@@ -82,7 +85,19 @@ class EngineSet:
         """
         name = self.resolve(request)
         capabilities = self.specs[name].capabilities_for(request.model)
-        return Admission(name, capabilities, tuple(capabilities.check(name, request)))
+        return Admission(name, capabilities, tuple(capabilities.check(name, request)), self.lane_of(name, capabilities))
+
+    def lane_of(self, name: str, capabilities: EngineCapabilities | None = None) -> str:
+        """The lane an engine's jobs wait in: a remote engine's own (``EngineSpec.lane_workers``),
+        named ``"remote:<engine>"``, or its device kind's."""
+        spec = self.specs[name]
+        kind = (capabilities or spec.capabilities).device_kind
+        return f"{kind}:{name}" if spec.lane_workers and kind is DeviceKind.REMOTE else str(kind)
+
+    def own_lanes(self) -> dict[str, int]:
+        """The remote engines' own lanes and their worker counts."""
+        lanes = {self.lane_of(name): spec.lane_workers for name, spec in self.specs.items() if spec.lane_workers}
+        return {lane: count for lane, count in lanes.items() if ":" in lane}
 
     def resolve(self, request: FillRequest) -> str:
         """The engine name a request runs on. Raises ``RequestError`` if it cannot run."""
@@ -176,6 +191,9 @@ BUILTIN_PROVIDERS = {
     "classic": "genfill_server.engines.providers:classic",
     "diffusion": "genfill_server.engines.providers:diffusion",
     "controlnet": "genfill_server.engines.providers:controlnet",
+    "openai": "genfill_server.engines.remote.openai:provide",
+    "bfl": "genfill_server.engines.remote.bfl:provide",
+    "imagen": "genfill_server.engines.remote.imagen:provide",
 }
 """genfill's own providers, as its ``pyproject.toml`` registers them (a test keeps the two
 equal); used as they are when genfill runs from a source tree that was never installed."""
@@ -209,6 +227,7 @@ def default_engines(
     offload: bool = False,
     registry: ModelRegistry | None = None,
     providers: dict[str, Provider] | None = None,
+    remote: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> EngineSet:
     """The engines this installation can run: classic always, one diffusion engine per family
     that has an installed model (see ``genfill_server.registry``), and whatever installed
@@ -223,6 +242,8 @@ def default_engines(
         offload: model CPU offload for GPUs too small to hold a whole pipeline.
         registry: an already scanned registry; overrides ``model_dirs`` and ``hf_cache``.
         providers: the providers to ask, by name; ``None`` means ``discover_providers()``.
+        remote: the cloud providers switched on, with their settings (``ProviderContext.remote``);
+            ``None``: none.
 
     Raises:
         ValueError: ``default_engine`` names an engine this installation does not have.
@@ -230,7 +251,7 @@ def default_engines(
     if registry is None:
         cache: Path | None | bool = None if hf_cache is True else hf_cache
         registry = ModelRegistry(model_dirs=[Path(d) for d in model_dirs], hf_cache=cache)
-    context = ProviderContext(registry=registry, offload=offload)
+    context = ProviderContext(registry=registry, offload=offload, remote=dict(remote or {}))
     specs: dict[str, EngineSpec] = {}
     for provider_name, provider in (discover_providers() if providers is None else providers).items():
         try:

@@ -258,7 +258,7 @@ class EngineOptions:
         """The options for one job: each ``None`` takes ``defaults``' value. A ``control``
         entry may be given as a mapping of ``ControlSpec`` fields."""
         mode = Mode(mode)
-        control = [entry if isinstance(entry, ControlSpec) else ControlSpec(**entry) for entry in control]
+        specs = tuple(entry if isinstance(entry, ControlSpec) else ControlSpec(**entry) for entry in control)
         if strength is None and defaults.strength_by_mode:
             strength = defaults.strength_by_mode.get(str(mode), 1.0)
         return cls(
@@ -269,7 +269,7 @@ class EngineOptions:
             strength=None if strength is None else float(strength),
             guidance=defaults.guidance if guidance is None else float(guidance),
             scheduler=defaults.scheduler if scheduler is None else str(scheduler),
-            control=tuple(control),
+            control=specs,
             references=tuple(references),
         )
 

@@ -58,7 +58,8 @@ def _resize_rgb(image: np.ndarray, height: int, width: int) -> np.ndarray:
 
     if image.shape[:2] == (height, width):
         return image
-    return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+    # A copy: the array PIL hands out is read-only, and torch.from_numpy warns of it.
+    return np.array(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
 
 
 def _as_rgb(image: Any) -> np.ndarray:

@@ -9,6 +9,7 @@ extra still starts.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import inspect
@@ -169,8 +170,8 @@ def _controlnet_spec(registry: ModelRegistry, offload: bool) -> EngineSpec | Non
         model = by_name[model_name] if model_name is not None else models[0]
         dtype = dtype_for(model.architecture, device)
         controlnets = {
-            str(kind): (
-                lambda c=registry.controlnet_for(model.architecture, kind): registry.load_controlnet(c, dtype=dtype)
+            str(kind): functools.partial(
+                registry.load_controlnet, registry.controlnet_for(model.architecture, kind), dtype=dtype
             )
             for kind in control_types(model)
         }

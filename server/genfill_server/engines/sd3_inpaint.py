@@ -168,7 +168,10 @@ class FlowFillEngine:
                     prefilled, hard, options, mode, seeds, height, width, callback
                 )
             finally:
-                del x0, noise, x0_b, noise_b
+                # The callback's closure holds x0_b and noise_b too: rebinding them frees the
+                # tensors, where ``del`` would leave it with names that no longer exist.
+                del x0, noise
+                x0_b = noise_b = None
                 pipe.maybe_free_model_hooks()
                 _empty_cache(self.device)
         images = np.clip(np.rint(np.asarray(output) * 255), 0, 255).astype(np.uint8)

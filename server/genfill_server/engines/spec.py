@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from genfill.protocol import ModelInfo
 
@@ -24,6 +25,10 @@ class EngineSpec:
         model_capabilities: per model name, where a model changes them (native size,
             control types); a model not listed has ``capabilities``.
         needs_model: it holds model weights: one such engine is loaded per device at a time.
+        lane_workers: for a remote engine, ``None``: its jobs wait in the shared remote lane.
+            A number: they wait in a lane of their own with that many workers (its provider's
+            limit), so a provider that is slow or at its limit never holds up another
+            engine's jobs. Other device kinds always use their kind's lane.
     """
 
     name: str
@@ -33,6 +38,7 @@ class EngineSpec:
     models: tuple[ModelInfo, ...] = ()
     model_capabilities: Mapping[str, EngineCapabilities] = field(default_factory=dict)
     needs_model: bool = False
+    lane_workers: int | None = None
 
     def capabilities_for(self, model: str | None) -> EngineCapabilities:
         return self.model_capabilities.get(model, self.capabilities) if model is not None else self.capabilities
@@ -44,6 +50,10 @@ class ProviderContext:
 
     registry: ModelRegistry
     offload: bool = False
+    remote: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """The remote (cloud) providers switched on (``genfill serve --remote``, or a config file's
+    ``enabled``), each with its settings table, possibly empty. A remote provider whose name is
+    not here offers nothing: no image leaves the machine unless the user asked for it."""
 
 
 Provider = Callable[[ProviderContext], Iterable[EngineSpec]]
