@@ -113,6 +113,7 @@ def test_fill_adds_variation_layers_at_the_selection(server, tmp_path, template_
                        tmp_path, template_home)
     assert out["python"].startswith("3.")
     assert out["ok"] is True, out["text"]
+    assert out["text"].startswith("The classic engine fills from the image alone and ignored the prompt"), out["text"]
     assert out["progress"] and out["progress"][-1][0] == out["progress"][-1][1]
     [group] = out["groups"]
     assert group["name"] == "sea"
@@ -194,8 +195,8 @@ def test_zip_imports_through_kritas_importer(tmp_path, template_home):
     assert (resources / "pykrita/genfill_krita/genfill_bridge/_vendor/websockets/LICENSE").is_file()
 
 
-@pytest.fixture
-def xvfb(tmp_path):
+@pytest.fixture(scope="module")
+def xvfb():
     read, write = os.pipe()
     process = subprocess.Popen(
         ["Xvfb", "-displayfd", str(write), "-screen", "0", "1920x1080x24", "-nolisten", "tcp"],
@@ -210,7 +211,9 @@ def xvfb(tmp_path):
     process.wait(10)
 
 
-def test_full_krita_menu_action_fills_and_undo_removes(server, tmp_path, template_home, xvfb):
+def _full_krita(tmp_path: Path, template_home: Path, display: str, job: dict, env: dict | None = None) -> dict:
+    """Runs full Krita with the plug-in installed as a user gets it and the driver plug-in
+    playing ``job``; returns what the driver wrote."""
     home = harness.copy_home(template_home, tmp_path / "home")
     pykrita = _install(home)
     shutil.copy(EDITORS / "krita_driver/genfill_ci_driver.desktop", pykrita)
@@ -220,12 +223,11 @@ def test_full_krita_menu_action_fills_and_undo_removes(server, tmp_path, templat
     enable_in_kritarc(home / ".config/kritarc", "genfill_ci_driver")
     image = tmp_path / "in.rgba"
     _photo().tofile(image)
-    job = {"url": server.url, "token": server.token, "width": WIDTH, "height": HEIGHT, "image": str(image),
-           "selection": list(SELECTION), "prompt": "a calm sea", "variations": 2, "seed": 9,
+    job = {"width": WIDTH, "height": HEIGHT, "image": str(image), "selection": list(SELECTION),
            "out": str(tmp_path / "out.json"), "export": str(tmp_path / "filled.png"),
-           "export_after_undo": str(tmp_path / "undone.png"), "wait_ms": 120000, "stacks_after_s": 200}
+           "export_after_undo": str(tmp_path / "undone.png"), "wait_ms": 120000, "stacks_after_s": 200, **job}
     (tmp_path / "job.json").write_text(json.dumps(job))
-    env = harness.clean_env(home, DISPLAY=xvfb, GENFILL_CI_JOB=str(tmp_path / "job.json"))
+    env = harness.clean_env(home, DISPLAY=display, GENFILL_CI_JOB=str(tmp_path / "job.json"), **(env or {}))
     out_path = tmp_path / "out.json"
     partial = Path(str(out_path) + ".partial")
     # Krita 5.1 under Xvfb now and then exits during start-up, before any plug-in code runs
@@ -242,6 +244,39 @@ def test_full_krita_menu_action_fills_and_undo_removes(server, tmp_path, templat
     out = json.loads(out_path.read_text())
     assert "exception" not in out, out["exception"]
     assert "slot_exceptions" not in out, out["slot_exceptions"][0]
+    out["_job"] = job
+    return out
+
+
+LONG_STATUS = ("The genfill server could not fill: this is a long status line that wraps over several lines "
+               "of the docker, the way a real warning or error does, and must not squeeze anything else.")
+
+
+@pytest.fixture(scope="module")
+def painter_session(server, template_home, xvfb, tmp_path_factory):
+    """One full-Krita session as a painter has it: the server found through its state file,
+    two Fills in a row from the menu action (the second with the group the first left
+    active), screenshots and widget sizes of the docker in a 1000 px high window."""
+    from genfill.state import ServerState, write_state
+
+    tmp_path = harness.screenshot_folder("krita-painter-session")  # kept: out.json explains a failure
+    screenshots = harness.screenshot_folder("krita")
+    state = write_state(ServerState(url=server.url, token=server.token, pid=os.getpid(), version="test"),
+                        tmp_path / "server.json")
+    job = {"fills": [{"prompt": "a calm sea", "variations": 2, "seed": 9}, {"prompt": "rocks", "variations": 1, "seed": 3}],
+           "wait_catalogue_ms": 15000, "window_size": [1280, 1000], "screenshots": str(screenshots),
+           "measure": {"status": LONG_STATUS}, "undo": 1, "strip": True}
+    try:
+        out = _full_krita(tmp_path, template_home, xvfb, job, env={"GENFILL_STATE_FILE": str(state)})
+    finally:
+        shutil.rmtree(tmp_path / "home", ignore_errors=True)  # Krita's HOME: 170 MB
+    print(f"screenshots in {screenshots}")
+    return out
+
+
+def test_full_krita_menu_action_fills_and_undo_removes(painter_session):
+    out = painter_session
+    job = out["_job"]
     assert out["docker_found"] and out["action_found"]
     assert out["ok"] is True, out["text"]
     assert out["groups_after_fill"] == [
@@ -251,5 +286,133 @@ def test_full_krita_menu_action_fills_and_undo_removes(server, tmp_path, templat
     filled = np.asarray(Image.open(job["export"]).convert("RGBA"))
     assert np.array_equal(filled[mask == 0], canvas[mask == 0])
     assert not np.array_equal(filled[mask > 0], canvas[mask > 0])
-    assert out["groups_after_undo"] == [], "undo did not remove the fill"
-    assert np.array_equal(np.asarray(Image.open(job["export_after_undo"]).convert("RGBA")), canvas)
+    # One undo takes the last fill away, all of it, and leaves the first one as it was.
+    assert out["undo_texts"] == ["Undo Add Layer"]
+    assert out["groups_after_undo"] == out["groups_after_fill"]
+    assert np.array_equal(np.asarray(Image.open(job["export_after_undo"]).convert("RGBA")), filled)
+
+
+def test_ignored_prompt_is_said_in_the_status_line(painter_session):
+    first = painter_session["fills"][0]
+    assert first["status_label"].startswith("The classic engine fills from the image alone and ignored the prompt"), first
+    assert "Added 2 layer(s)" in first["status_label"]
+
+
+def test_second_fill_with_the_new_group_active_fills_again(painter_session):
+    first, second = painter_session["fills"]
+    assert first["ok"] is True, first["text"]
+    assert second["active"] == ["a calm sea", "grouplayer"]
+    assert second["ok"] is True, second["text"]
+    # Above the group that was active (bottom first), so the new result is what shows.
+    assert [group["name"] for group in second["groups"]] == ["a calm sea", "rocks"]
+    # The group is a result: the layer it was made from is read, not its transparent patch.
+    assert "Read the layer 'Background', which the fill 'a calm sea' was made from." in second["status_label"]
+    assert first["strip"] == 2 and second["strip"] == 1, "the staging strip does not show the variations"
+    assert second["history"][1:3] == ["rocks", "a calm sea"], second["history"]
+    [rocks] = [group for group in second["groups"] if group["name"] == "rocks"]
+    assert rocks["children"] == [["rocks - variation 1", True]]
+
+
+def test_docker_lists_the_servers_engines_and_models_without_a_refresh(painter_session, server):
+    with Client(server.url, token=server.token) as client:
+        hello = client.hello
+    available = [engine.name for engine in hello.engines if engine.available]
+    assert available, "the test server offers no engine"
+    for name in available:
+        assert name in painter_session["engines"], painter_session["engines"]
+
+
+def test_docker_widgets_keep_usable_sizes_in_a_1000_px_window(painter_session):
+    widgets = painter_session["widgets"]
+    assert len(widgets) > 20, widgets
+    narrow = [w for w in widgets if w["width"] < 24]
+    assert not narrow, f"widgets narrower than 24 px: {narrow}"
+    squeezed = [w for w in widgets if w["height"] < min(w["min_height"], 16) or w["width"] < min(w["min_width"], 40)]
+    assert not squeezed, f"widgets squeezed below their minimum size: {squeezed}"
+    spins = [w for w in widgets if w["text"].startswith(("L ", "R ", "T ", "B ")) or w["class"] == "QSpinBox"]
+    assert spins and all(w["width"] >= 60 for w in spins), spins
+    assert painter_session["server_group"]["inside"], f"the Server group is clipped: {painter_session['server_group']}"
+    needed, shown = painter_session["content_width"]
+    assert needed <= shown, f"the docker needs {needed} px across and has {shown}: its left or right is cut off"
+    for path in painter_session["screenshots"]:
+        assert Image.open(path).size[0] > 100
+
+
+def test_staging_strip_regenerate_apply_and_parameters_after_reopen(server, tmp_path, template_home):
+    out = _kritarunner("staging", {"url": server.url, "token": server.token}, tmp_path, template_home)
+    assert out["first"]["ok"] is True, out["first"]["text"]
+    assert out["strip"]["thumbnails"] == 3 and out["strip"]["seeds"] == [5, 6, 7]
+    assert all(max(size) == 72 for size in out["strip"]["sizes"]), out["strip"]["sizes"]
+    assert out["shown_visibility"] == [False, False, True]
+    # Again with seed: the shown variation's request and seed, one layer, the same pixels.
+    assert out["again_options"] == {"seed": 7, "variations": 1, "prompt": "sea\nat dusk", "source": "Background"}
+    assert out["again"]["ok"] is True and out["again_seeds"] == [7] and out["again_same_pixels"] is True
+    # Regenerate: new seeds, and the variations it replaces are gone.
+    assert out["regenerate"]["ok"] is True
+    assert len(out["regenerate_seeds"]) == 2 and 7 not in out["regenerate_seeds"]
+    assert [g["name"] for g in out["groups_after_regenerate"]] == ["sea at dusk", "sea at dusk"]
+    prompts = {prompt for prompt, _seed, _box, _engine in out["records"].values()}
+    assert prompts == {"sea\nat dusk"}
+    assert all(box == list(SELECTION) and engine == "classic" for _p, _s, box, engine in out["records"].values())
+    # Apply as a layer: the shown variation stays, alone in its group.
+    regenerated = out["groups_after_apply_layer"][0]
+    assert len(regenerated["children"]) == 1
+    # Saved and reopened: the parameters are still there, and they reproduce the layer.
+    assert out["saved"] is True
+    assert sorted(record[1] for record in out["reopened"]) == sorted([7, out["regenerate_seeds"][1]])
+    assert all(record[0] == "sea\nat dusk" and record[3] == "fill" for record in out["reopened"])
+    assert out["reopened_source"] == "Background"
+    assert out["repeat"]["ok"] is True and out["repeat_same_pixels"] is True
+    assert out["groups_after_discard"] == ["sea at dusk", "sea at dusk"]
+    assert out["flatten"]["ok"] is True, out["flatten"]["text"]
+    assert out["flatten_order"] == ["Background", "sea at dusk", "sea at dusk", "sea at dusk"]
+    assert out["groups_after_flatten"] == ["sea at dusk", "sea at dusk"] and out["flattened_changed"] is True
+    assert out["after_flatten_order"] == ["Background", "sea at dusk", "sea at dusk"]
+
+
+def test_a_group_layer_is_read_as_it_looks(server, tmp_path, template_home):
+    out = _kritarunner("group_source", {"url": server.url, "token": server.token}, tmp_path, template_home)
+    assert out["pixel_data_of_group"] == 0, "Krita gives a group's pixels now: the projection path is untested"
+    assert out["ok"] is True, out["text"]
+    assert [group["name"] for group in out["groups"]] == ["painting", "genfill fill"]  # bottom first
+
+
+@pytest.fixture(scope="module")
+def diffusion_server(tmp_path_factory):
+    """A server with a tiny random-weight SD 1.5 inpainting model (runs on the CPU)."""
+    import tiny_models
+    from genfill_server.engines import default_engines
+
+    models = tmp_path_factory.mktemp("models")
+    tiny_models.tiny_sd15_inpaint(vae_attention=False).save_pretrained(models / "tiny-inpaint")
+    engines = default_engines(model_dirs=[models], hf_cache=False)
+    with BackgroundServer(ServerConfig(write_state_file=False), engines) as running:
+        yield running
+
+
+def test_previews_reach_the_docker_while_the_job_runs(diffusion_server, tmp_path, template_home):
+    out = _kritarunner("previews", {"url": diffusion_server.url, "token": diffusion_server.token,
+                                    "model": "tiny-inpaint", "steps": 4}, tmp_path, template_home)
+    assert out["ok"] is True, out["text"]
+    assert out["previews"], "no preview image reached the controller"
+    for size, width, height in out["previews"]:
+        assert width > 0 and height > 0 and size == width * height * 4
+    assert [group["name"] for group in out["groups"]] == ["a window"]
+
+
+def test_strip_buttons_in_the_docker(painter_session):
+    """The docker's own buttons, clicked in full Krita after an undo took the last fill away."""
+    assert painter_session["strip_after_undo"] == [0, False], "the strip still shows an undone fill"
+    strip = painter_session["strip"]
+    assert strip["fill"]["ok"] is True and strip["fill"]["strip"] == 3
+    assert strip["show"] == {"visible": [False, True, False], "seeds": [11, 12, 13]}
+    waves = lambda step: [g for g in strip[step]["groups"] if g["name"] == "waves"]  # noqa: E731
+    assert strip["regenerate"]["ok"] is True and strip["regenerate"]["strip"] == 3
+    assert len(waves("regenerate")) == 1, "Regenerate did not replace the variations"
+    assert strip["again"]["ok"] is True and strip["again"]["strip"] == 1
+    assert [len(g["children"]) for g in waves("again")] == [3, 1]
+    assert strip["apply"]["strip"] == 0 and [len(g["children"]) for g in waves("apply")] == [3, 1]
+    assert strip["from_layer_active"].startswith("waves - variation")
+    assert strip["from_layer"]["ok"] is True, strip["from_layer"]
+    assert [len(g["children"]) for g in waves("from_layer")] == [3, 1, 1], "From this layer did not go on top"
+    assert strip["discard"]["strip"] == 0 and len(waves("discard")) == 2

@@ -52,12 +52,15 @@ Trace = Callable[[str, "str | bytes"], None]
 
 @dataclass(frozen=True)
 class JobEvent:
-    """``kind`` is ``accepted`` (``queue_position``) or ``progress`` (``step`` of ``total``)."""
+    """``kind`` is ``accepted`` (``queue_position``) or ``progress`` (``step`` of ``total``,
+    with a small RGBA ``preview`` of ``preview_size`` (width, height) when one came)."""
 
     kind: str
     queue_position: int = 0
     step: int = 0
     total: int = 0
+    preview: bytes | None = None
+    preview_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -194,6 +197,7 @@ class ServerConnection:
         cancel: threading.Event | None = None,
         job_id: str | None = None,
         timeout_s: float = DEFAULT_JOB_TIMEOUT_S,
+        previews: bool = False,
     ) -> JobResult:
         """Uploads what the server lacks, submits ``request`` and waits for its result.
 
@@ -223,8 +227,9 @@ class ServerConnection:
         for image_id, frame in frames.items():
             if image_id not in present:
                 self._send(frame)
-        self._send(messages.submit(job_id, request))
+        self._send(messages.submit(job_id, request, previews=previews))
         received: dict[str, bytes] = {}
+        sizes: dict[str, tuple[int, int]] = {}
         cancel_sent = False
         while True:
             if cancel.is_set() and not cancel_sent:
@@ -243,6 +248,7 @@ class ServerConnection:
             if isinstance(data, bytes):
                 frame = decode_frame(data)
                 received[frame.image_id] = frame.payload
+                sizes[frame.image_id] = (frame.width, frame.height)
                 continue
             message = messages.parse_server_message(data)
             kind = message["type"]
@@ -254,8 +260,9 @@ class ServerConnection:
             if kind == "accepted":
                 _notify(on_event, JobEvent("accepted", queue_position=message["queue_position"]))
             elif kind == "progress":
-                received.pop(message.get("preview") or "", None)
-                _notify(on_event, JobEvent("progress", step=message["step"], total=message["total"]))
+                preview = received.pop(message.get("preview") or "", None)
+                _notify(on_event, JobEvent("progress", step=message["step"], total=message["total"], preview=preview,
+                                           preview_size=sizes.get(message.get("preview") or "") if preview else None))
             elif kind == "result":
                 return _result(message, received, canvas)
             elif kind == "cancelled":

@@ -116,15 +116,18 @@ def run(
     on_event: Callable[[JobEvent], None] | None = None,
     cancel: threading.Event | None = None,
     trace: Trace | None = None,
+    previews: bool = False,
 ) -> JobResult:
     """Connects, runs the job, disconnects. Safe on any thread; see ``client`` for cancel.
+    With ``previews``, progress events carry the engine's preview images where it makes them.
 
     Raises:
         ServerNotRunning, TokenRejected, ConnectionLost, ProtocolMismatch, JobFailed, JobCancelled.
     """
     with ServerConnection.from_settings(settings, trace=trace) as connection:
         return connection.run(
-            prepared.frames, prepared.request, canvas=prepared.result_canvas, on_event=on_event, cancel=cancel
+            prepared.frames, prepared.request, canvas=prepared.result_canvas, on_event=on_event, cancel=cancel,
+            previews=previews,
         )
 
 
@@ -134,6 +137,18 @@ def apply(document: Document, prepared: PreparedFill, result: JobResult) -> str:
     grow = prepared.options.expand if prepared.options.mode == "expand" else None
     document.insert_results(name, result.box, [variation.rgba for variation in result.variations], grow)
     return name
+
+
+def result_warnings(result: JobResult) -> list[str]:
+    """What the server says it could not honour (the classic engine ignores the prompt), as
+    sentences to show next to the result; ``[]`` when it says nothing."""
+    return [_sentence(text) for text in result.warnings if text.strip()]
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    text = text[:1].upper() + text[1:]
+    return text if text.endswith((".", "!", "?")) else text + "."
 
 
 def group_name(options: FillOptions) -> str:

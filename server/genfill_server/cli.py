@@ -228,6 +228,9 @@ def _fill(args: argparse.Namespace) -> int:
         result.composite(index).save(path)
         paths.append(str(path))
     print(f"wrote {', '.join(paths)} (seeds {', '.join(map(str, result.seeds))}, {result.seconds:.2f} s)")
+    # What the engine accepted but could not honour (classic ignores the prompt).
+    for warning in getattr(result, "warnings", None) or []:
+        print(f"genfill: warning: {getattr(warning, 'message', warning)}", file=sys.stderr)
     return 0
 
 

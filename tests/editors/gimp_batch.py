@@ -49,9 +49,47 @@ try:
             path = os.path.join(job["workdir"], f"variation-{index}.rgba")
             with open(path, "wb") as file:
                 file.write(bytes(child.get_buffer().get(Gegl.Rectangle.new(0, 0, w, h), 1.0, "R'G'B'A u8", Gegl.AbyssPolicy.NONE)))
-            children.append({"name": child.get_name(), "visible": child.get_visible(), "box": [x, y, w, h], "dump": path})
+            parasite = child.get_parasite("genfill")
+            record = bytes(parasite.get_data()).decode() if parasite is not None else None
+            children.append({"name": child.get_name(), "visible": child.get_visible(), "box": [x, y, w, h], "dump": path,
+                             "parameters": record})
         groups.append({"name": top.get_name(), "children": children})
     out["groups"] = groups
+    if job.get("xcf"):
+        xcf = Gio.File.new_for_path(job["xcf"])
+        out["xcf_saved"] = bool(Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, image, xcf, None))
+        reopened = Gimp.file_load(Gimp.RunMode.NONINTERACTIVE, xcf)
+        out["reopened_parameters"] = [
+            bytes(child.get_parasite("genfill").get_data()).decode() if child.get_parasite("genfill") else None
+            for top in reopened.get_layers() if top.is_group() for child in top.get_children()
+        ]
+        if job.get("again"):
+            # Again from This Layer on the reopened file: the second variation, nothing selected.
+            chosen = [top for top in reopened.get_layers() if top.is_group()][0].get_children()[1]
+            Gimp.Selection.none(reopened)
+            again = Gimp.get_pdb().lookup_procedure("python-fu-genfill-again")
+            config = again.create_config()
+            config.set_property("run-mode", Gimp.RunMode.NONINTERACTIVE)
+            config.set_property("image", reopened)
+            config.set_core_object_array("drawables", [chosen])
+            for key, value in job["again"].items():
+                config.set_property(key, value)
+            result = again.run(config)
+            out["again_status"] = result.index(0).value_nick
+            if result.length() > 1:
+                error = result.index(1)
+                out["again_message"] = error if isinstance(error, str) else getattr(error, "message", str(error))
+            w, h = chosen.get_width(), chosen.get_height()
+            original = bytes(chosen.get_buffer().get(Gegl.Rectangle.new(0, 0, w, h), 1.0, "R'G'B'A u8", Gegl.AbyssPolicy.NONE))
+            groups = [top for top in reopened.get_layers() if top.is_group()]
+            newest = groups[0]
+            out["again_groups"] = [[g.get_name(), len(g.get_children())] for g in groups]
+            made = newest.get_children()[0]
+            out["again_box"] = [*made.get_offsets()[1:], made.get_width(), made.get_height()]
+            out["again_same_pixels"] = bytes(made.get_buffer().get(
+                Gegl.Rectangle.new(0, 0, made.get_width(), made.get_height()), 1.0, "R'G'B'A u8", Gegl.AbyssPolicy.NONE)) == original
+            parasite = made.get_parasite("genfill")
+            out["again_parameters"] = bytes(parasite.get_data()).decode() if parasite is not None else None
     if job.get("export"):
         out["exported"] = bool(Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, image, Gio.File.new_for_path(job["export"]), None))
 except Exception:  # noqa: BLE001 - reported to the test

@@ -63,3 +63,11 @@ def run(command: list[str], *, env: dict[str, str], timeout_s: int, cwd: Path | 
         text=True,
         timeout=timeout_s + 30,
     )
+
+
+def screenshot_folder(what: str) -> Path:
+    """A fresh temp folder for a test's screenshots, kept after the run (pytest's own temp
+    folders are pruned when other runs start) and never inside the repository."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(prefix=f"genfill-{what}-screenshots-"))

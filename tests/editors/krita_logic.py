@@ -177,7 +177,160 @@ def scenario_import_zip(job, out):
     out["module"] = genfill_krita.__file__
 
 
+def _wait_for(controller, start, timeout_s=120):
+    """Runs ``start()`` (a ``controller.start`` call) and waits for ``finished``."""
+    loop = QEventLoop()
+    outcome = {}
+
+    def finished(ok, text):
+        outcome.update(ok=ok, text=text)
+        loop.quit()
+
+    controller.finished.connect(finished)
+    try:
+        if start():
+            QTimer.singleShot(timeout_s * 1000, loop.quit)
+            loop.exec_()
+    finally:
+        controller.finished.disconnect(finished)
+    return outcome
+
+
+def _variation_pixels(node, box):
+    from genfill_krita.genfill_bridge.frames import swap_red_blue
+
+    return swap_red_blue(bytes(node.pixelData(*box)))
+
+
+def scenario_staging(job, out):
+    """The strip's buttons through the code they call: show, Again with seed, Regenerate,
+    Apply (as a layer and flattened), Discard, then the parameters after save and reopen."""
+    from genfill_krita.controller import FillController
+    from genfill_krita.genfill_bridge import FillOptions, ServerSettings
+    from genfill_krita.staging import layer_id, read_records, record_of
+
+    document, layer = make_document(job)
+    settings = ServerSettings(url=job["url"], token=job["token"])
+    controller = FillController()
+    staging = controller.staging
+    box = job["selection"]
+    first = _wait_for(controller, lambda: controller.start(
+        document, FillOptions(prompt="sea\nat dusk", variations=3, seed=5), settings, node=layer))
+    out["first"] = first
+    out["strip"] = {"thumbnails": len(staging.thumbnails), "seeds": [r.seed for r in staging.records],
+                    "sizes": [[icon.availableSizes()[0].width(), icon.availableSizes()[0].height()] for icon in staging.thumbnails]}
+    first_group = staging.group
+    staging.show(2)
+    out["shown_visibility"] = [node.visible() for node in first_group.childNodes()]
+    third = _variation_pixels(first_group.childNodes()[2], box)
+
+    options, source = staging.again(same_seed=True, variations=3)
+    out["again_options"] = {"seed": options.seed, "variations": options.variations, "prompt": options.prompt,
+                            "source": source.name()}
+    again = _wait_for(controller, lambda: controller.start(document, options, settings, node=source))
+    out["again"] = again
+    again_group = staging.group
+    out["again_seeds"] = [r.seed for r in staging.records]
+    out["again_same_pixels"] = _variation_pixels(again_group.childNodes()[0], box) == third
+
+    options, source = staging.again(same_seed=False, variations=2)
+    regenerate = _wait_for(controller, lambda: controller.start(document, options, settings, node=source,
+                                                                 replaces=staging.group))
+    out["regenerate"] = regenerate
+    out["regenerate_seeds"] = [r.seed for r in staging.records]
+    out["groups_after_regenerate"] = describe_layers(document)
+
+    records = read_records(document)
+    out["records"] = {node.name(): [records[layer_id(node)].prompt, records[layer_id(node)].seed,
+                                    list(records[layer_id(node)].box), records[layer_id(node)].engine]
+                      for group in document.topLevelNodes() if group.type() == "grouplayer"
+                      for node in group.childNodes() if layer_id(node) in records}
+    staging.show(1)
+    staging.apply(False)
+    out["groups_after_apply_layer"] = describe_layers(document)
+
+    path = os.path.join(job["workdir"], "staged.kra")
+    out["saved"] = document.saveAs(path)
+    document.waitForDone()
+    document.close()
+    reopened = Krita.instance().openDocument(path)
+    reopened.setBatchmode(True)
+    groups = [node for node in reopened.topLevelNodes() if node.type() == "grouplayer"]
+    out["reopened"] = []
+    for group in groups:
+        record = record_of(reopened, group)
+        out["reopened"].append(None if record is None else [record.prompt, record.seed, list(record.box), record.mode])
+    # "From this layer", after reopening: the record's request with its seed gives the same pixels.
+    kept = groups[0].childNodes()[0]
+    record = record_of(reopened, kept)
+    from genfill_krita.staging import find_layer
+
+    source = find_layer(reopened, record.source_layer)
+    out["reopened_source"] = source.name() if source is not None else None
+    repeat = _wait_for(controller, lambda: controller.start(reopened, record.options(seed=record.seed, variations=1),
+                                                           settings, node=source))
+    out["repeat"] = repeat
+    out["repeat_same_pixels"] = _variation_pixels(staging.group.childNodes()[0], box) == _variation_pixels(kept, box)
+    staging.discard()
+    out["groups_after_discard"] = [g["name"] for g in describe_layers(reopened)]
+    before = bytes(source.pixelData(*box))
+    staging_group = groups[0]
+    # Flatten, with an earlier result active: the new group lands above that result, and
+    # Apply flattened merges the kept variation into the layer the fill read, not the result.
+    flatten = _wait_for(controller, lambda: controller.start(reopened, record.options(seed=None, variations=2),
+                                                            settings, node=staging_group))
+    out["flatten"] = flatten
+    out["flatten_order"] = [node.name() for node in reopened.topLevelNodes() if node.type() != "selectionmask"]
+    staging.apply(True)
+    reopened.waitForDone()
+    out["groups_after_flatten"] = [g["name"] for g in describe_layers(reopened)]
+    flattened = [n for n in reopened.topLevelNodes() if n.type() == "paintlayer"]
+    out["flattened_changed"] = bool(flattened) and bytes(flattened[0].pixelData(*box)) != before
+    out["after_flatten_order"] = [node.name() for node in reopened.topLevelNodes() if node.type() != "selectionmask"]
+    out["staging_group_still_there"] = staging_group.name()
+    reopened.close()
+
+
+def scenario_group_source(job, out):
+    """A painter's own group active (not a fill's result): read as it looks, its projection."""
+    from genfill_krita.genfill_bridge import FillOptions, ServerSettings
+
+    document, layer = make_document(job)
+    group = document.createGroupLayer("painting")
+    copy = layer.duplicate()
+    group.addChildNode(copy, None)
+    document.rootNode().addChildNode(group, layer)
+    layer.setVisible(False)
+    document.waitForDone()
+    out["pixel_data_of_group"] = len(bytes(group.pixelData(0, 0, 4, 4)))
+    _, outcome = run_controller(document, group, FillOptions(variations=1, seed=4),
+                                ServerSettings(url=job["url"], token=job["token"]))
+    out.update(outcome)
+    out["groups"] = describe_layers(document)
+    document.close()
+
+
+def scenario_previews(job, out):
+    """A diffusion job: the controller hands on the engine's preview images as they come."""
+    from genfill_krita.controller import FillController
+    from genfill_krita.genfill_bridge import FillOptions, ServerSettings
+
+    document, layer = make_document(job)
+    controller = FillController()
+    previews = []
+    controller.preview.connect(lambda rgba, width, height: previews.append([len(rgba), width, height]))
+    options = FillOptions(prompt="a window", model=job["model"], steps=job["steps"], variations=1, seed=3)
+    out.update(_wait_for(controller, lambda: controller.start(
+        document, options, ServerSettings(url=job["url"], token=job["token"]), node=layer)))
+    out["previews"] = previews
+    out["groups"] = describe_layers(document)
+    document.close()
+
+
 SCENARIOS = {
+    "previews": scenario_previews,
+    "group_source": scenario_group_source,
+    "staging": scenario_staging,
     "fill": scenario_fill,
     "expand": scenario_expand,
     "cancel": scenario_cancel,

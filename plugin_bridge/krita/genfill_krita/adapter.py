@@ -11,18 +11,20 @@ from __future__ import annotations
 
 from krita import Krita
 
-from .genfill_bridge import Box, Document, Margins, Size, UnsupportedDocument
+from .genfill_bridge import Box, Document, DocumentError, Margins, Size, UnsupportedDocument
 from .genfill_bridge.frames import swap_red_blue
 
 _PAINTABLE = ("paintlayer", "grouplayer", "filelayer", "filterlayer", "filllayer", "clonelayer", "vectorlayer")
 
 
 class KritaDocument(Document):
-    """Wraps a Krita document and the layer to read (``None``: the active layer)."""
+    """Wraps a Krita document and the layer to read (``None``: the active layer); the result
+    group goes above ``above`` (``None``: above the layer read)."""
 
-    def __init__(self, document, node=None) -> None:
+    def __init__(self, document, node=None, above=None) -> None:
         self.document = document
         self.node = node if node is not None else document.activeNode()
+        self.above = above if above is not None else self.node
         self.inserted_group = None
 
     def size(self) -> Size:
@@ -57,12 +59,24 @@ class KritaDocument(Document):
 
     def pixels(self, box: Box, source: str) -> bytes:
         self.document.waitForDone()
+        expected = box.width * box.height * 4
         if source == "visible" or self.node is None or self.node.type() not in _PAINTABLE:
             self.document.refreshProjection()
-            data = self.document.pixelData(box.x, box.y, box.width, box.height)
+            data = bytes(self.document.pixelData(box.x, box.y, box.width, box.height))
         else:
-            data = self.node.pixelData(box.x, box.y, box.width, box.height)
-        return swap_red_blue(bytes(data))
+            node = self.node
+            # A group (like the one the last fill added), a file or a filter layer has no
+            # pixels of its own: Node.pixelData answers b"", its projection holds what it shows.
+            data = b"" if node.type() == "grouplayer" else bytes(node.pixelData(box.x, box.y, box.width, box.height))
+            if len(data) != expected:
+                data = bytes(node.projectionPixelData(box.x, box.y, box.width, box.height))
+        if len(data) != expected:
+            name = self.node.name() if self.node is not None else "the image"
+            raise DocumentError(
+                f"Krita gives no pixels for the layer '{name}': pick a paint layer in the Layers docker, "
+                "or set Source to 'Visible image', and press Fill again."
+            )
+        return swap_red_blue(data)
 
     def insert_results(self, name: str, box: Box, layers: list[bytes], grow: Margins | None) -> None:
         document = self.document
@@ -82,8 +96,9 @@ class KritaDocument(Document):
             layer.setVisible(index == 0)
             group.addChildNode(layer, below)
             below = layer
-        parent = self.node.parentNode() if self.node is not None and self.node.parentNode() is not None else document.rootNode()
-        parent.addChildNode(group, self.node if self.node is not None and self.node.parentNode() is not None else None)
+        above = self.above
+        placed = above is not None and above.parentNode() is not None
+        (above.parentNode() if placed else document.rootNode()).addChildNode(group, above if placed else None)
         document.waitForDone()
         document.refreshProjection()
         self.inserted_group = group
