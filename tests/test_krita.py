@@ -380,8 +380,9 @@ def test_a_group_layer_is_read_as_it_looks(server, tmp_path, template_home):
 @pytest.fixture(scope="module")
 def diffusion_server(tmp_path_factory):
     """A server with a tiny random-weight SD 1.5 inpainting model (runs on the CPU)."""
-    import tiny_models
     from genfill_server.engines import default_engines
+
+    import tiny_models
 
     models = tmp_path_factory.mktemp("models")
     tiny_models.tiny_sd15_inpaint(vae_attention=False).save_pretrained(models / "tiny-inpaint")

@@ -61,6 +61,11 @@ ERROR_CODES = frozenset(
         "engine_failed",
         "shutting_down",
         "unsupported",
+        "remote_auth_failed",
+        "remote_quota_exceeded",
+        "moderated",
+        "remote_unavailable",
+        "remote_timeout",
     }
 )
 

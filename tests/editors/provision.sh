@@ -16,7 +16,9 @@ CHROOT=${GENFILL_GIMP_CHROOT:-/var/cache/genfill-ci/gimp-trixie}
 MIRROR=${GENFILL_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 # Bump when the package list below changes: a chroot with another stamp is rebuilt.
 STAMP="genfill-gimp-chroot v1: gimp gir1.2-gimp-3.0 python3-gi"
-KRITA_PACKAGES=(krita python3-pyqt5 python3-sip xvfb xauth)
+# xdotool presses the GIMP dialog's buttons and ImageMagick's import takes the screenshots in
+# the editor window tests.
+KRITA_PACKAGES=(krita python3-pyqt5 python3-sip xvfb xauth xdotool imagemagick)
 
 log() { printf 'provision: %s\n' "$*" >&2; }
 

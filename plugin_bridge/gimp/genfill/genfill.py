@@ -194,10 +194,9 @@ def _run_dialog(procedure, config, document, settings, is_expand):
     """The dialog, then the job with the dialog still open: its Cancel cancels the job."""
     gi.require_version("GimpUi", "3.0")
     gi.require_version("Gtk", "3.0")
-    from gi.repository import GimpUi, Gtk
-
     from genfill_bridge.catalogue import fetch_models
     from genfill_dialog import FillDialog
+    from gi.repository import GimpUi, Gtk
 
     GimpUi.init(procedure.get_name())
     try:

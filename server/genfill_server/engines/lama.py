@@ -48,7 +48,10 @@ class LamaConfig:
     global_ratio: float = 0.75
 
 
-def build_generator(config: LamaConfig = LamaConfig()):
+BIG_LAMA = LamaConfig()
+
+
+def build_generator(config: LamaConfig = BIG_LAMA):
     """Returns an untrained LaMa generator (``torch.nn.Module``) of ``config``'s sizes."""
     import torch
     from torch import nn
