@@ -468,3 +468,15 @@ def test_bridge_finds_the_state_file_where_the_server_writes_it(monkeypatch, env
     for name, value in environment.items():
         monkeypatch.setenv(name, value)
     assert settings.default_state_path() == default_state_path()
+
+
+def test_a_cloud_model_is_labelled_with_the_host_its_image_goes_to():
+    from genfill_bridge.catalogue import choices, model_label
+
+    local = {"name": "sd15", "engine": "sd_inpaint"}
+    cloud = {"name": "gpt-image-1", "engine": "openai", "remote": True, "host": "api.openai.com"}
+    assert model_label(local) == "sd15 (sd_inpaint)"
+    assert model_label(cloud) == "gpt-image-1 (openai) - image sent to api.openai.com"
+    catalogue = {"default_engine": "classic", "engines": [], "models": [local, cloud]}
+    labels = [label for label, _ in choices(catalogue, "fill").models]
+    assert "gpt-image-1 (openai) - image sent to api.openai.com" in labels

@@ -35,6 +35,15 @@ class Choices:
     strength_engines: frozenset[str]
 
 
+def model_label(model: dict) -> str:
+    """A model's drop-down label: its name and engine, and, for a cloud model, the host the
+    image is sent to, so a painter sees before filling that it leaves the machine."""
+    label = f"{model['name']} ({model.get('engine', '?')})"
+    if model.get("remote"):
+        label += f" - image sent to {model.get('host') or 'another machine'}"
+    return label
+
+
 def models_url(ws_url: str) -> str:
     """``ws://host:port`` -> ``http://host:port/v1/models`` (``wss`` -> ``https``)."""
     parts = urlsplit(ws_url)
@@ -90,5 +99,5 @@ def choices(catalogue: dict, mode: str) -> Choices:
     models = [("Engine default", "")]
     for model in catalogue["models"]:
         if isinstance(model.get("name"), str) and mode in model.get("modes", [mode]):
-            models.append((f"{model['name']} ({model.get('engine', '?')})", model["name"]))
+            models.append((model_label(model), model["name"]))
     return Choices(default, engines, models, frozenset(prompt_engines), frozenset(strength_engines))

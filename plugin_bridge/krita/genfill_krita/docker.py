@@ -42,6 +42,7 @@ from PyQt5.QtWidgets import (
 
 from .controller import FillController
 from .genfill_bridge import MODES, BridgeError, FillOptions, Margins, ServerSettings, fetch_catalogue
+from .genfill_bridge.catalogue import model_label
 from .genfill_bridge.metadata import remember_prompt
 from .staging import find_layer, record_of
 
@@ -375,7 +376,7 @@ class GenfillDocker(DockWidget):
                 if item.get("available", True):
                     self.engine.addItem(item["name"], item["name"])
             for item in catalogue["models"]:
-                self.model.addItem(f"{item['name']} ({item['engine']})", item["name"])
+                self.model.addItem(model_label(item), item["name"])
         # Keep what the painter picked, while the server still offers it.
         self.engine.setCurrentIndex(max(self.engine.findData(engine), 0) if engine else 0)
         self.model.setCurrentIndex(max(self.model.findData(model), 0) if model else 0)
