@@ -36,7 +36,8 @@ from genfill.fill import Size
 from genfill.protocol import ErrorCode, Mode, ModelInfo
 from PIL import Image
 
-from ..base import EngineError, JobCancelledError, StepCallback
+from ..base import EngineCapabilities, EngineDefaults, EngineError, JobCancelledError, StepCallback
+from ..spec import EngineSpec, ProviderContext
 
 logger = logging.getLogger("genfill.remote")
 
@@ -269,6 +270,61 @@ def load_remote_config(path: Path | None, enabled: Iterable[str] = ()) -> dict[s
             raise ValueError(f"remote config {path}: {name}.enabled must be true or false")
     wanted = [*enabled, *(name for name, table in tables.items() if table.get("enabled"))]
     return {name: dict(tables.get(name, {})) for name in dict.fromkeys(wanted)}
+
+
+class RemoteEngine:
+    """What every cloud engine shares: its provider's settings and concurrency limit, the model
+    it calls, and nothing to load (its key is first used by a job, so a start sends nothing).
+    A subclass names itself, declares ``capabilities`` and implements ``run``."""
+
+    name: str
+    capabilities: EngineCapabilities
+    defaults = EngineDefaults()
+
+    def __init__(self, settings: RemoteSettings, limit: threading.Semaphore, model: str | None = None) -> None:
+        self.settings = settings
+        self.model = model or settings.models[0]
+        self.capabilities = self.capabilities_for(settings)
+        self._limit = limit
+
+    @classmethod
+    def capabilities_for(cls, settings: RemoteSettings) -> EngineCapabilities:
+        """The class's capabilities at the configured native size."""
+        return cls.capabilities.refined(native_size=settings.native_size)
+
+    def load(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def offer(
+    context: ProviderContext,
+    engine_class: type[RemoteEngine],
+    settings_from: Callable[[Mapping[str, Any]], RemoteSettings],
+    *,
+    description: str,
+    architecture: str,
+) -> Iterable[EngineSpec]:
+    """A cloud provider's ``EngineSpec``, only where the server's configuration switched it on.
+
+    ``description`` may name ``{host}``, the host the context crop is sent to.
+    """
+    name = engine_class.name
+    if name not in context.remote:
+        return
+    settings = settings_from(context.remote[name])
+    limit = threading.BoundedSemaphore(settings.max_concurrent)
+    yield EngineSpec(
+        name=name,
+        factory=lambda device, model: engine_class(settings, limit, model),
+        capabilities=engine_class.capabilities_for(settings),
+        description=description.format(host=settings.host),
+        models=tuple(model_info(settings, name, model, architecture) for model in settings.models),
+        # Jobs past the limit wait in the provider's own lane, holding up no other engine.
+        lane_workers=settings.max_concurrent,
+    )
 
 
 def model_info(settings: RemoteSettings, engine: str, name: str, architecture: str) -> ModelInfo:

@@ -16,8 +16,7 @@ One task makes one image: each variation is one task with its own seed.
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import Iterator
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,7 +26,6 @@ from genfill.protocol import ErrorCode, Mode
 from ..base import (
     DeviceKind,
     EngineCapabilities,
-    EngineDefaults,
     EngineError,
     EngineJob,
     StepCallback,
@@ -36,14 +34,15 @@ from ..prefill import prefill
 from ..spec import EngineSpec, ProviderContext
 from ._common import (
     Call,
+    RemoteEngine,
     RemoteSettings,
     all_of,
     b64_png,
     boolean,
     decode_image,
     edit_area,
-    model_info,
     number,
+    offer,
     parse_settings,
     run_job,
     same_origin,
@@ -81,22 +80,15 @@ def settings_from(table, environ=None) -> RemoteSettings:
     )
 
 
-def provide(context: ProviderContext) -> Iterator[EngineSpec]:
+def provide(context: ProviderContext) -> Iterable[EngineSpec]:
     """The ``bfl`` engine, only where the server's configuration switched it on."""
-    if NAME not in context.remote:
-        return
-    settings = settings_from(context.remote[NAME])
-    limit = threading.BoundedSemaphore(settings.max_concurrent)
-    yield EngineSpec(
-        name=NAME,
-        factory=lambda device, model: BFLEngine(settings, limit, model),
-        capabilities=CAPABILITIES.refined(native_size=settings.native_size),
-        description=f"Black Forest Labs Flux Fill and Expand: the context crop is sent to {settings.host}",
-        models=tuple(model_info(settings, NAME, model, "flux") for model in settings.models),
-        # Jobs past the limit wait in the provider\'s own lane, holding up no other engine.
-        lane_workers=settings.max_concurrent,
+    return offer(
+        context,
+        BFLEngine,
+        settings_from,
+        description="Black Forest Labs Flux Fill and Expand: the context crop is sent to {host}",
+        architecture="flux",
     )
-
 
 def known_rectangle(selection: np.ndarray) -> tuple[int, int, int, int] | None:
     """``(top, bottom, left, right)`` margins around the known part of ``selection`` (0
@@ -112,22 +104,9 @@ def known_rectangle(selection: np.ndarray) -> tuple[int, int, int, int] | None:
     return int(top), int(height - bottom), int(left), int(width - right)
 
 
-class BFLEngine:
+class BFLEngine(RemoteEngine):
     name = NAME
     capabilities = CAPABILITIES
-    defaults = EngineDefaults()
-
-    def __init__(self, settings: RemoteSettings, limit: threading.Semaphore, model: str | None = None) -> None:
-        self.settings = settings
-        self.model = model or settings.models[0]
-        self.capabilities = CAPABILITIES.refined(native_size=settings.native_size)
-        self._limit = limit
-
-    def load(self) -> None:
-        """Nothing to load; the key is first used by a job (no request at start)."""
-
-    def close(self) -> None:
-        pass
 
     def run(self, job: EngineJob, on_step: StepCallback) -> list[np.ndarray]:
         _check_range("steps", job.options.steps, STEPS)

@@ -18,7 +18,7 @@ installed and no token is configured, from Application Default Credentials.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import httpx
@@ -28,7 +28,6 @@ from genfill.protocol import ErrorCode, Mode
 from ..base import (
     DeviceKind,
     EngineCapabilities,
-    EngineDefaults,
     EngineError,
     EngineJob,
     StepCallback,
@@ -36,14 +35,15 @@ from ..base import (
 from ..spec import EngineSpec, ProviderContext
 from ._common import (
     Call,
+    RemoteEngine,
     RemoteSettings,
     b64_png,
     boolean,
     choice,
     decode_b64,
     edit_area,
-    model_info,
     number,
+    offer,
     parse_settings,
     run_job,
     size_of,
@@ -108,48 +108,29 @@ def settings_from(table: Mapping[str, Any], environ=None) -> RemoteSettings:
     return settings
 
 
-def provide(context: ProviderContext) -> Iterator[EngineSpec]:
+def provide(context: ProviderContext) -> Iterable[EngineSpec]:
     """The ``imagen`` engine, only where the server's configuration switched it on."""
-    if NAME not in context.remote:
-        return
-    settings = settings_from(context.remote[NAME])
-    limit = threading.BoundedSemaphore(settings.max_concurrent)
-    yield EngineSpec(
-        name=NAME,
-        factory=lambda device, model: ImagenEngine(settings, limit, model),
-        capabilities=_capabilities(settings),
-        description=f"Google Imagen edit on Vertex AI: the context crop is sent to {settings.host}",
-        models=tuple(model_info(settings, NAME, model, "imagen") for model in settings.models),
-        # Jobs past the limit wait in the provider\'s own lane, holding up no other engine.
-        lane_workers=settings.max_concurrent,
+    return offer(
+        context,
+        ImagenEngine,
+        settings_from,
+        description="Google Imagen edit on Vertex AI: the context crop is sent to {host}",
+        architecture="imagen",
     )
 
-
-def _capabilities(settings: RemoteSettings) -> EngineCapabilities:
-    # Imagen takes a seed only with its watermark off (see the module docstring).
-    return CAPABILITIES.refined(
-        native_size=settings.native_size, reproducible=not settings.options["add_watermark"]
-    )
-
-
-class ImagenEngine:
+class ImagenEngine(RemoteEngine):
     name = NAME
     capabilities = CAPABILITIES
-    defaults = EngineDefaults()
 
     def __init__(self, settings: RemoteSettings, limit: threading.Semaphore, model: str | None = None) -> None:
-        self.settings = settings
-        self.model = model or settings.models[0]
-        self.capabilities = _capabilities(settings)
-        self._limit = limit
+        super().__init__(settings, limit, model)
         self._credentials = None
         self._credentials_lock = threading.Lock()
 
-    def load(self) -> None:
-        """Nothing to load; the token is first used by a job (no request at start)."""
-
-    def close(self) -> None:
-        pass
+    @classmethod
+    def capabilities_for(cls, settings: RemoteSettings) -> EngineCapabilities:
+        # Imagen takes a seed only with its watermark off (see the module docstring).
+        return super().capabilities_for(settings).refined(reproducible=not settings.options["add_watermark"])
 
     def run(self, job: EngineJob, on_step: StepCallback) -> list[np.ndarray]:
         return run_job(self.settings, self._limit, on_step, lambda call: self._edit(call, job),

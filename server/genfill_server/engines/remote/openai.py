@@ -18,8 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import httpx
@@ -31,7 +30,6 @@ from genfill.protocol import ErrorCode, Mode
 from ..base import (
     DeviceKind,
     EngineCapabilities,
-    EngineDefaults,
     EngineError,
     EngineJob,
     StepCallback,
@@ -40,14 +38,15 @@ from ..prefill import prefill
 from ..spec import EngineSpec, ProviderContext
 from ._common import (
     Call,
+    RemoteEngine,
     RemoteSettings,
     all_of,
     boolean,
     choice,
     decode_b64,
     edit_area,
-    model_info,
     number,
+    offer,
     parse_settings,
     png_bytes,
     preview_of,
@@ -93,23 +92,15 @@ def settings_from(table, environ=None) -> RemoteSettings:
     )
 
 
-def provide(context: ProviderContext) -> Iterator[EngineSpec]:
+def provide(context: ProviderContext) -> Iterable[EngineSpec]:
     """The ``openai`` engine, only where the server's configuration switched it on."""
-    if NAME not in context.remote:
-        return
-    settings = settings_from(context.remote[NAME])
-    limit = threading.BoundedSemaphore(settings.max_concurrent)
-    capabilities = CAPABILITIES.refined(native_size=settings.native_size)
-    yield EngineSpec(
-        name=NAME,
-        factory=lambda device, model: OpenAIEngine(settings, limit, model),
-        capabilities=capabilities,
-        description=f"OpenAI image edits: the context crop is sent to {settings.host}",
-        models=tuple(model_info(settings, NAME, model, "gpt-image") for model in settings.models),
-        # Jobs past the limit wait in the provider\'s own lane, holding up no other engine.
-        lane_workers=settings.max_concurrent,
+    return offer(
+        context,
+        OpenAIEngine,
+        settings_from,
+        description="OpenAI image edits: the context crop is sent to {host}",
+        architecture="gpt-image",
     )
-
 
 def api_size(work: Size) -> Size:
     """The API size nearest ``work``'s aspect ratio."""
@@ -117,22 +108,9 @@ def api_size(work: Size) -> Size:
     return min(SIZES, key=lambda size: abs(math.log(size.width / size.height) - ratio))
 
 
-class OpenAIEngine:
+class OpenAIEngine(RemoteEngine):
     name = NAME
     capabilities = CAPABILITIES
-    defaults = EngineDefaults()
-
-    def __init__(self, settings: RemoteSettings, limit: threading.Semaphore, model: str | None = None) -> None:
-        self.settings = settings
-        self.model = model or settings.models[0]
-        self.capabilities = CAPABILITIES.refined(native_size=settings.native_size)
-        self._limit = limit
-
-    def load(self) -> None:
-        """Nothing to load; the key is first used by a job (no request at start)."""
-
-    def close(self) -> None:
-        pass
 
     def run(self, job: EngineJob, on_step: StepCallback) -> list[np.ndarray]:
         assert self.settings.key is not None
