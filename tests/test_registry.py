@@ -255,6 +255,7 @@ def test_hf_cache_sd15_inpaint_loads_and_runs(hf_cache):
     assert info["models"][0] == {
         "name": "tiny-org/sd15-inpaint", "engine": "sd_inpaint", "architecture": "sd15", "inpaint": True,
         "native_size": 64, "source": "hf_cache", "modes": ["fill", "remove", "expand", "add"], "control": [],
+        "remote": False, "host": None,
     }
     engine = engines.get("sd_inpaint", "cpu", "tiny-org/sd15-inpaint")
     assert_same_weights(engine.pipeline.unet, original.unet)
