@@ -113,12 +113,16 @@ def test_gimp_expands_through_each_cloud_model(cloud, provider):
     assert len(_requests(fakes, provider, "expand")) == 1
 
 
-def test_the_dialog_says_where_a_cloud_model_sends_the_image(cloud):
+def test_the_dialog_says_where_a_cloud_model_or_engine_sends_the_image(cloud):
     out, fakes = cloud
     for mode in ("fill", "remove", "expand"):
         labels = {value: label for label, value in out["choices"][mode]["models"]}
+        engines = {value: label for label, value in out["choices"][mode]["engines"]}
+        assert engines["classic"] == "classic" and engines[""] == "Server default (classic)"
         for provider, fake in fakes.items():
             host = fake.url.removeprefix("http://")
             assert labels[CLOUD_MODELS[provider]] == f"{CLOUD_MODELS[provider]} ({provider}) - image sent to {host}"
+            # Picking the engine alone (its default model) sends the image just the same.
+            assert engines[provider] == f"{provider} - image sent to {host}"
     for key in KEYS.values():
         assert key not in str({k: v for k, v in out.items() if k != "_host"})

@@ -355,6 +355,7 @@ def scenario_cloud(job, out):
         docker = GenfillDocker()
         docker._fill_catalogue(catalogue)
         out["model_labels"] = [[docker.model.itemText(i), docker.model.itemData(i)] for i in range(docker.model.count())]
+        out["engine_labels"] = [[docker.engine.itemText(i), docker.engine.itemData(i)] for i in range(docker.engine.count())]
         out["labels_from"] = "docker"
     except Exception:  # noqa: BLE001 - no docker without Krita's window: the function it calls
         from genfill_krita.genfill_bridge.catalogue import model_label
