@@ -51,6 +51,9 @@ def cloud(template_home):  # noqa: F811
             runs.append({"tag": f"{provider}-expand", "procedure": "python-fu-genfill-expand", "selection": None,
                          "args": {"model": model, **MARGINS, "variations": 1, "seed": 3, **connection},
                          "export": str(folder.inside / f"{provider}-expand.png")})
+        # More variations than the provider makes at once: refused before anything is sent.
+        runs.append({"tag": "bfl-too-many", "procedure": "python-fu-genfill-fill", "export": None,
+                     "args": {"model": CLOUD_MODELS["bfl"], "prompt": "moss", "variations": 6, **connection}})
         try:
             out = _batch(folder, runs[0]["procedure"], runs[0]["args"], runs=runs, labels=connection)
             yield out, fakes
@@ -111,6 +114,14 @@ def test_gimp_expands_through_each_cloud_model(cloud, provider):
     assert np.array_equal(exported[MARGINS["top"]:, :WIDTH], _photo()), "the original pixels moved or changed"
     assert exported[: MARGINS["top"], :, 3].all() and exported[:, WIDTH:, 3].all(), "the new area was not filled"
     assert len(_requests(fakes, provider, "expand")) == 1
+
+
+def test_more_variations_than_the_provider_makes_is_said_plainly(cloud):
+    out, _ = cloud
+    run = out["runs"]["bfl-too-many"]
+    assert run["status"] == "execution-error" and run["groups"] == []
+    assert "variations=6 is over the bfl engine's limit of 4: ask for 4 or fewer" in run["message"], run["message"]
+    # Nothing reached the provider: bfl-fill's test counts every task with this prompt.
 
 
 def test_the_dialog_says_where_a_cloud_model_or_engine_sends_the_image(cloud):

@@ -40,6 +40,8 @@ def _runs() -> list[dict]:
             {"name": f"{provider}-expand", "options": {"model": model, "mode": "expand", "expand": MARGINS,
                                                        "variations": 1, "seed": 1}},
         ]
+    # More variations than the provider makes at once: refused before anything is sent.
+    runs.append({"name": "bfl-too-many", "options": {"model": CLOUD_MODELS["bfl"], "prompt": "sea", "variations": 6}})
     return runs
 
 
@@ -101,6 +103,14 @@ def test_krita_expands_through_each_cloud_model(cloud, provider):
     assert np.array_equal(exported[:HEIGHT, MARGINS["left"]:], _photo()), "the original pixels moved or changed"
     assert exported[:, : MARGINS["left"], 3].all() and exported[HEIGHT:, :, 3].all(), "the new area was not filled"
     assert len(_requests(fakes, provider, "expand")) == 1
+
+
+def test_more_variations_than_the_provider_makes_is_said_plainly(cloud):
+    out, _ = cloud
+    run = out["runs"]["bfl-too-many"]
+    assert run["ok"] is False and run["groups"] == []
+    assert "variations=6 is over the bfl engine's limit of 4: ask for 4 or fewer" in run["text"], run["text"]
+    # Nothing reached the provider: bfl-fill's test counts every task with this prompt.
 
 
 def test_the_docker_says_where_a_cloud_model_or_engine_sends_the_image(cloud):
