@@ -95,6 +95,8 @@ def test_cli_fills_and_removes_with_each_cloud_model(cloud, provider, mode):
                      "--variations", "1", "--seed", "4", "--prompt", prompt, "-o", str(output), env=env)
     assert filled.returncode == 0, filled.stderr
     assert f"wrote {output}" in filled.stdout
+    # OpenAI takes no seed, nor does Imagen with its watermark on: the CLI says so.
+    assert ("takes no seed" in filled.stderr) == (provider != "bfl"), filled.stderr
     result = np.asarray(Image.open(output).convert("RGB"))
     assert result.shape == canvas.shape
     np.testing.assert_array_equal(result[mask == 0], canvas[mask == 0])
