@@ -14,9 +14,11 @@ the rest of the image unchanged, so a test can tell the mask's polarity from the
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import itertools
 import json
+import os
 import select
 import socket
 import threading
@@ -497,3 +499,44 @@ def assert_outside_unchanged(result, canvas: np.ndarray, selection: np.ndarray) 
         composite = fill.composite(canvas, layer, result.box)
         outside = selection == 0
         np.testing.assert_array_equal(composite[outside], canvas[outside])
+
+
+# A real server with all three cloud providers on, for the editor tests
+
+
+CLOUD_MODELS = {"openai": "gpt-image-1", "bfl": "flux-pro-1.0-fill", "imagen": "imagen-3.0-capability-001"}
+
+
+@contextlib.contextmanager
+def cloud_server(keys: dict[str, str]):
+    """A ``BackgroundServer`` whose cloud engines (``openai``, ``bfl``, ``imagen``) each talk
+    to their fake; yields ``(server, {provider: fake})``. ``keys``: each provider's key."""
+    from genfill_server.app import ServerConfig
+    from genfill_server.background import BackgroundServer
+    from genfill_server.engines import default_engines, providers
+    from genfill_server.engines.remote import bfl, imagen, openai
+
+    fast = {"retries": 1, "backoff_s": 0.01, "request_timeout_s": 10.0, "deadline_s": 60.0, "native_size": 256}
+    with FakeOpenAI(keys["openai"]) as fake_openai, FakeBFL(keys["bfl"]) as fake_bfl, \
+            FakeImagen(keys["imagen"]) as fake_imagen:
+        fake_bfl.pending_polls = 1
+        fakes = {"openai": fake_openai, "bfl": fake_bfl, "imagen": fake_imagen}
+        variables = {name: f"GENFILL_TEST_{name.upper()}_KEY" for name in fakes}
+        os.environ.update({variables[name]: keys[name] for name in fakes})
+        try:
+            engines = default_engines(
+                hf_cache=False,
+                providers={"classic": providers.classic, "openai": openai.provide, "bfl": bfl.provide,
+                           "imagen": imagen.provide},
+                remote={
+                    "openai": {"base_url": fake_openai.url, "api_key_env": variables["openai"], **fast},
+                    "bfl": {"base_url": fake_bfl.url, "api_key_env": variables["bfl"], "poll_interval_s": 0.01, **fast},
+                    "imagen": {"base_url": fake_imagen.url, "api_key_env": variables["imagen"], "project": "studio-42",
+                               **fast},
+                },
+            )
+        finally:
+            for variable in variables.values():
+                del os.environ[variable]
+        with BackgroundServer(ServerConfig(write_state_file=False), engines) as running:
+            yield running, fakes

@@ -480,3 +480,17 @@ def test_a_cloud_model_is_labelled_with_the_host_its_image_goes_to():
     catalogue = {"default_engine": "classic", "engines": [], "models": [local, cloud]}
     labels = [label for label, _ in choices(catalogue, "fill").models]
     assert "gpt-image-1 (openai) - image sent to api.openai.com" in labels
+
+
+def test_a_cloud_engine_is_labelled_with_the_host_its_image_goes_to():
+    """Picking a cloud engine with its default model sends the image as picking the model does."""
+    from genfill_bridge.catalogue import choices, engine_label
+
+    engines = [{"name": "classic", "modes": ["fill"]}, {"name": "bfl", "modes": ["fill"]}]
+    models = [{"name": "flux-pro-1.0-fill", "engine": "bfl", "remote": True, "host": "api.bfl.ai"}]
+    catalogue = {"default_engine": "bfl", "engines": engines, "models": models}
+    assert engine_label(catalogue, "classic") == "classic"
+    assert engine_label(catalogue, "bfl") == "bfl - image sent to api.bfl.ai"
+    assert choices(catalogue, "fill").engines == [
+        ("Server default (bfl - image sent to api.bfl.ai)", ""), ("classic", "classic"),
+        ("bfl - image sent to api.bfl.ai", "bfl")]

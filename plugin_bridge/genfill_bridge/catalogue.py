@@ -12,7 +12,7 @@ import urllib.request
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-from .client import _is_loopback
+from .client import _is_loopback, remote_host
 from .errors import ServerNotRunning, TokenRejected
 from .settings import ServerSettings
 
@@ -42,6 +42,13 @@ def model_label(model: dict) -> str:
     if model.get("remote"):
         label += f" - image sent to {model.get('host') or 'another machine'}"
     return label
+
+
+def engine_label(catalogue: dict, name: str) -> str:
+    """An engine's drop-down label: its name, and, for a cloud engine, the host the image is
+    sent to (picking the engine with its default model sends it just as picking a model does)."""
+    host = remote_host(catalogue, engine=name)
+    return f"{name} - image sent to {host}" if host else name
 
 
 def models_url(ws_url: str) -> str:
@@ -84,13 +91,13 @@ def fetch_models(settings: ServerSettings, *, timeout_s: float = 5.0) -> dict:
 def choices(catalogue: dict, mode: str) -> Choices:
     """The drop-down entries for ``mode`` from a ``/v1/models`` answer (or a hello)."""
     default = str(catalogue.get("default_engine") or "")
-    engines = [(f"Server default ({default})" if default else "Server default", "")]
+    engines = [(f"Server default ({engine_label(catalogue, default)})" if default else "Server default", "")]
     prompt_engines, strength_engines = set(), set()
     for engine in catalogue["engines"]:
         name = engine.get("name")
         if not isinstance(name, str) or not engine.get("available", True) or mode not in engine.get("modes", [mode]):
             continue
-        engines.append((name, name))
+        engines.append((engine_label(catalogue, name), name))
         capabilities = engine.get("capabilities") or {}
         if capabilities.get("prompt", True):
             prompt_engines.add(name)

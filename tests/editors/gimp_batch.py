@@ -5,13 +5,14 @@ through the PDB exactly as a script would, and writes what happened to the job's
 """
 import json
 import os
+import sys
 import traceback
 
 from gi.repository import Gegl, Gimp, Gio
 
-job = json.load(open(os.environ["GENFILL_CI_JOB"], encoding="utf-8"))
-out = {}
-try:
+
+def one(job, out):
+    """One procedure call on a new image; what happened goes to ``out``."""
     width, height = job["width"], job["height"]
     image = Gimp.Image.new(width, height, Gimp.ImageBaseType.RGB)
     layer = Gimp.Layer.new(image, "photo", width, height, Gimp.ImageType.RGBA_IMAGE, 100.0, Gimp.LayerMode.NORMAL)
@@ -46,7 +47,7 @@ try:
         for index, child in enumerate(top.get_children()):
             _, x, y = child.get_offsets()
             w, h = child.get_width(), child.get_height()
-            path = os.path.join(job["workdir"], f"variation-{index}.rgba")
+            path = os.path.join(job["workdir"], job.get("tag", "") + f"variation-{index}.rgba")
             with open(path, "wb") as file:
                 file.write(bytes(child.get_buffer().get(Gegl.Rectangle.new(0, 0, w, h), 1.0, "R'G'B'A u8", Gegl.AbyssPolicy.NONE)))
             parasite = child.get_parasite("genfill")
@@ -92,6 +93,34 @@ try:
             out["again_parameters"] = bytes(parasite.get_data()).decode() if parasite is not None else None
     if job.get("export"):
         out["exported"] = bool(Gimp.file_save(Gimp.RunMode.NONINTERACTIVE, image, Gio.File.new_for_path(job["export"]), None))
+        out["export_path"] = job["export"]
+
+
+def labels(job, out):
+    """The drop-down entries the plug-in's dialog shows, from the installed plug-in's own
+    bridge: ``fetch_models`` and ``choices``, as ``genfill.py`` and ``genfill_dialog`` call them."""
+    sys.path.insert(0, os.path.join(os.environ["XDG_CONFIG_HOME"], "GIMP", "3.0", "plug-ins", "genfill"))
+    from genfill_bridge.catalogue import choices, fetch_models
+    from genfill_bridge.settings import ServerSettings
+
+    catalogue = fetch_models(ServerSettings(url=job["labels"]["server-url"], token=job["labels"]["server-token"]))
+    out["choices"] = {mode: {"engines": choices(catalogue, mode).engines, "models": choices(catalogue, mode).models}
+                      for mode in ("fill", "remove", "expand")}
+
+
+job = json.load(open(os.environ["GENFILL_CI_JOB"], encoding="utf-8"))
+out = {}
+try:
+    if job.get("runs"):
+        # Several calls in one GIMP start, each on its own new image.
+        out["runs"] = {}
+        for run in job["runs"]:
+            out["runs"][run["tag"]] = {}
+            one({**job, **run}, out["runs"][run["tag"]])
+    else:
+        one(job, out)
+    if job.get("labels"):
+        labels(job, out)
 except Exception:  # noqa: BLE001 - reported to the test
     out["exception"] = traceback.format_exc()
 with open(job["out"], "w", encoding="utf-8") as file:

@@ -327,7 +327,46 @@ def scenario_previews(job, out):
     document.close()
 
 
+def scenario_cloud(job, out):
+    """Several fills in one Krita start, each on a fresh document: ``job["runs"]`` names each
+    run's ``FillOptions`` (``expand`` as a dict of margins). Then the docker's Model drop-down
+    as it fills from the server's catalogue."""
+    from genfill_krita.genfill_bridge import FillOptions, Margins, ServerSettings, fetch_catalogue
+
+    settings = ServerSettings(url=job["url"], token=job["token"])
+    out["runs"] = {}
+    for run in job["runs"]:
+        options = dict(run["options"])
+        if "expand" in options:
+            options["expand"] = Margins(**options["expand"])
+        document, layer = make_document(job)
+        _, outcome = run_controller(document, layer, FillOptions(**options), settings)
+        outcome["groups"] = describe_layers(document)
+        outcome["size"] = [document.width(), document.height()]
+        document.waitForDone()
+        outcome["export"] = os.path.join(job["workdir"], run["name"] + ".png")
+        outcome["exported"] = document.exportImage(outcome["export"], InfoObject())
+        document.close()
+        out["runs"][run["name"]] = outcome
+    catalogue = fetch_catalogue(settings)
+    try:
+        from genfill_krita.docker import GenfillDocker
+
+        docker = GenfillDocker()
+        docker._fill_catalogue(catalogue)
+        out["model_labels"] = [[docker.model.itemText(i), docker.model.itemData(i)] for i in range(docker.model.count())]
+        out["engine_labels"] = [[docker.engine.itemText(i), docker.engine.itemData(i)] for i in range(docker.engine.count())]
+        out["labels_from"] = "docker"
+    except Exception:  # noqa: BLE001 - no docker without Krita's window: the function it calls
+        from genfill_krita.genfill_bridge.catalogue import model_label
+
+        out["docker_exception"] = traceback.format_exc()
+        out["model_labels"] = [[model_label(model), model["name"]] for model in catalogue["models"]]
+        out["labels_from"] = "model_label"
+
+
 SCENARIOS = {
+    "cloud": scenario_cloud,
     "previews": scenario_previews,
     "group_source": scenario_group_source,
     "staging": scenario_staging,

@@ -42,7 +42,7 @@ from PyQt5.QtWidgets import (
 
 from .controller import FillController
 from .genfill_bridge import MODES, BridgeError, FillOptions, Margins, ServerSettings, fetch_catalogue
-from .genfill_bridge.catalogue import model_label
+from .genfill_bridge.catalogue import engine_label, model_label
 from .genfill_bridge.metadata import remember_prompt
 from .staging import find_layer, record_of
 
@@ -369,12 +369,12 @@ class GenfillDocker(DockWidget):
         self.engine.clear()
         self.model.clear()
         default_engine = catalogue["default_engine"] if catalogue else None
-        self.engine.addItem(f"{_DEFAULT}: {default_engine}" if default_engine else _DEFAULT, "")
+        self.engine.addItem(f"{_DEFAULT}: {engine_label(catalogue, default_engine)}" if default_engine else _DEFAULT, "")
         self.model.addItem(_DEFAULT, "")
         if catalogue is not None:
             for item in catalogue["engines"]:
                 if item.get("available", True):
-                    self.engine.addItem(item["name"], item["name"])
+                    self.engine.addItem(engine_label(catalogue, item["name"]), item["name"])
             for item in catalogue["models"]:
                 self.model.addItem(model_label(item), item["name"])
         # Keep what the painter picked, while the server still offers it.

@@ -177,7 +177,8 @@ class EngineCapabilities:
         if request.variations > self.max_variations:
             raise RequestError(
                 ErrorCode.LIMIT_EXCEEDED,
-                f"variations={request.variations} is over engine {engine!r}'s limit of {self.max_variations}",
+                f"variations={request.variations} is over the {engine} engine's limit of {self.max_variations}: "
+                f"ask for {self.max_variations} or fewer",
             )
         warnings = []
         if not self.prompt and request.prompt.strip():
