@@ -104,3 +104,24 @@ def test_fill_hole_sample_runs(tmp_path):
     assert hole.sum() > 1000
     np.testing.assert_array_equal(after[~hole], before[~hole])
     assert not np.any(np.all(after[hole] == (255, 0, 255), axis=1))
+
+
+def test_expand_local_grows_the_canvas_and_keeps_the_original(tmp_path):
+    canvas = brick_image(64, 48)[:, :, :3]
+    Image.fromarray(canvas).save(tmp_path / "in.png")
+    completed = genfill("expand", str(tmp_path / "in.png"), "--left", "16", "--bottom", "8", "--local",
+                        "--variations", "1", "-o", str(tmp_path / "wide.png"))
+    assert completed.returncode == 0, completed.stderr
+    wide = np.asarray(Image.open(tmp_path / "wide.png").convert("RGBA"))
+    assert wide.shape == (56, 80, 4)
+    np.testing.assert_array_equal(wide[:48, 16:, :3], canvas)
+    # The new strips are filled, opaque, not left transparent.
+    assert (wide[:, :16, 3] == 255).all() and (wide[48:, :, 3] == 255).all()
+    assert "wrote" in completed.stdout
+
+
+def test_expand_needs_a_margin(tmp_path):
+    Image.fromarray(brick_image(32, 32)[:, :, :3]).save(tmp_path / "in.png")
+    completed = genfill("expand", str(tmp_path / "in.png"), "--local")
+    assert completed.returncode == 1
+    assert "genfill:" in completed.stderr and "Traceback" not in completed.stderr

@@ -116,3 +116,28 @@ def test_cli_fills_and_removes_with_each_cloud_model(cloud, provider, mode):
         body = request.json()
         assert body["parameters"]["editMode"] == imagen.EDIT_MODES[Mode(mode)]
         assert body["instances"][0]["prompt"] == prompt
+
+
+@pytest.mark.parametrize("provider", ["openai", "bfl", "imagen"])
+def test_cli_expands_with_each_cloud_model(cloud, provider):
+    fakes, env, tmp_path = cloud
+    fake = fakes[provider]
+    fake.reset()
+    canvas = photo(WIDTH, HEIGHT, seed=5)[..., :3]
+    source, output = tmp_path / f"{provider}-expand-in.png", tmp_path / f"{provider}-expand-out.png"
+    Image.fromarray(canvas).save(source)
+    grown = genfill("expand", str(source), "--model", MODELS[provider], "--right", "24", "--top", "16",
+                    "--variations", "1", "--seed", "4", "-o", str(output), env=env)
+    assert grown.returncode == 0, grown.stderr
+    result = np.asarray(Image.open(output).convert("RGBA"))
+    assert result.shape == (HEIGHT + 16, WIDTH + 24, 4)
+    np.testing.assert_array_equal(result[16:, :WIDTH, :3], canvas)
+    assert (result[:16, :, 3] == 255).all() and (result[:, WIDTH:, 3] == 255).all()
+    if provider == "bfl":
+        assert [r.path for r in fake.requests if r.method == "POST"] == ["/v1/flux-pro-1.0-expand"]
+    elif provider == "imagen":
+        [request] = fake.requests
+        assert request.json()["parameters"]["editMode"] == imagen.EDIT_MODES[Mode.EXPAND]
+    else:
+        [request] = fake.requests
+        assert request.path == "/v1/images/edits"

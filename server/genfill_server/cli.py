@@ -61,17 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     fill = commands.add_parser("fill", help="fill the selected part of an image")
     fill.add_argument("image", type=Path)
     fill.add_argument("--mask", type=Path, required=True, help="selection image: white fills, black keeps")
-    fill.add_argument("--prompt", default="")
     fill.add_argument("--mode", default="fill", choices=[m.value for m in Mode if m is not Mode.EXPAND])
-    fill.add_argument("--engine", default=None)
-    fill.add_argument("--model", default=None)
-    fill.add_argument("--variations", type=int, default=3)
-    fill.add_argument("--seed", type=int, default=None)
-    fill.add_argument("--steps", type=int, default=None)
-    fill.add_argument("-o", "--output", type=Path, default=None, help="output file; variations get -1, -2... (default IMAGE-filled.png)")
-    fill.add_argument("--local", action="store_true", help="run a server in this process instead of using a running one")
-    fill.add_argument("--url", default=None)
-    fill.add_argument("--token", default=None)
+    _add_job_arguments(fill, "filled")
+
+    expand = commands.add_parser("expand", help="grow an image's canvas and fill the new area (outpaint)")
+    expand.add_argument("image", type=Path)
+    for side in ("left", "right", "top", "bottom"):
+        expand.add_argument(f"--{side}", type=int, default=0, help=f"pixels to add on the {side}")
+    _add_job_arguments(expand, "expanded")
 
     models = commands.add_parser(
         "models", help="list installed models (the running server's, else this machine's), or pull one"
@@ -87,11 +84,32 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_job_arguments(command: argparse.ArgumentParser, suffix: str) -> None:
+    command.add_argument("--prompt", default="")
+    command.add_argument("--engine", default=None)
+    command.add_argument("--model", default=None)
+    command.add_argument("--variations", type=int, default=3)
+    command.add_argument("--seed", type=int, default=None)
+    command.add_argument("--steps", type=int, default=None)
+    command.add_argument(
+        "-o", "--output", type=Path, default=None,
+        help=f"output file; variations get -1, -2... (default IMAGE-{suffix}.png)",
+    )
+    command.add_argument(
+        "--local", action="store_true", help="run a server in this process instead of using a running one"
+    )
+    command.add_argument("--url", default=None)
+    command.add_argument("--token", default=None)
+    command.add_argument(
+        "--timeout", type=float, default=None, help="seconds the job may take (default: the SDK's, 600)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
-    if args.command == "fill":
+    if args.command in ("fill", "expand"):
         return _fill(args)
     if args.command == "models":
         if args.models_command == "pull":
@@ -187,14 +205,15 @@ async def _serve_until_signalled(config: ServerConfig, engines) -> None:
 def _fill(args: argparse.Namespace) -> int:
     from rich.progress import Progress
 
-    output = args.output or args.image.with_name(f"{args.image.stem}-filled.png")
+    expanding = args.command == "expand"
+    output = args.output or args.image.with_name(f"{args.image.stem}-{'expanded' if expanding else 'filled'}.png")
     options = {
-        "mode": args.mode,
         "engine": args.engine,
         "model": args.model,
         "variations": args.variations,
         "seed": args.seed,
         "steps": args.steps,
+        "timeout_s": args.timeout,
     }
     background = None
     try:
@@ -215,7 +234,13 @@ def _fill(args: argparse.Namespace) -> int:
                 elif event.kind == "progress":
                     bar.update(task, description="filling", completed=event.step, total=event.total)
 
-            result = client.fill(args.image, args.mask, args.prompt, on_progress=on_progress, **options)
+            if expanding:
+                margins = {side: getattr(args, side) for side in ("left", "right", "top", "bottom")}
+                result = client.expand(args.image, prompt=args.prompt, on_progress=on_progress, **margins, **options)
+            else:
+                result = client.fill(
+                    args.image, args.mask, args.prompt, mode=args.mode, on_progress=on_progress, **options
+                )
     except (GenfillError, ValueError) as exc:
         print(f"genfill: {exc}", file=sys.stderr)
         return 1
