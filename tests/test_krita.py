@@ -473,3 +473,46 @@ def test_preview_layer_shows_previews_at_the_box_and_goes_with_the_job(diffusion
     assert out["after_cancel"] == out["before_cancel"] == out["after_result"]
     # Never in the saved file.
     assert out["saved"] is True and out["reopened"] == out["after_result"]
+
+
+def test_full_krita_preview_layer_from_the_menu_action(diffusion_server, template_home, xvfb):
+    """Full Krita, the docker's Fill action with a diffusion model: the preview layer shows on
+    the canvas (a screenshot of the screen is kept), the result replaces it, and closing the
+    docker mid-job cancels the job and takes the layer away."""
+    from genfill.state import ServerState, write_state
+
+    tmp_path = harness.screenshot_folder("krita-preview-session")
+    screenshots = harness.screenshot_folder("krita-preview")
+    state = write_state(ServerState(url=diffusion_server.url, token=diffusion_server.token, pid=os.getpid(),
+                                    version="test"), tmp_path / "server.json")
+    job = {"wait_catalogue_ms": 15000, "screenshots": str(screenshots), "preview": {"model": "tiny-inpaint"}}
+    try:
+        out = _full_krita(tmp_path, template_home, xvfb, job, env={"GENFILL_STATE_FILE": str(state)})
+    finally:
+        shutil.rmtree(tmp_path / "home", ignore_errors=True)
+    print(f"screenshots in {screenshots}")
+    assert out["model"] == "tiny-inpaint", out.get("model")
+    before = out["before"]
+    preview = ["genfill preview", "paintlayer", True]
+    result, closed = out["result"], out["closed"]
+    assert result["while"] == before + [preview], result
+    assert tuple(result["box"]) == _preview_box(diffusion_server, "tiny-inpaint")
+    assert result["still_running"] is True, "the job ended before the screenshot: make it longer"
+    # The painter's layer stays the active one: a stroke during the job never lands on the preview.
+    assert result["active_while"] == "Background"
+    assert Path(result["screenshot"]).is_file(), result["screenshot"]
+    assert result["ok"] is True, result["text"]
+    assert result["after"] == before + [["result", "grouplayer", True]]
+    assert result["undo_text"] == "Undo Add Layer"
+    # Closing the docker mid-job: cancelled, the layer gone at once.
+    assert closed["while"][-1] == preview, closed
+    assert preview not in closed["after_close"]
+    assert closed["ok"] is False and closed["text"] == "Cancelled."
+    assert closed["after"] == result["after"]
+    assert closed["active_after"] == "result"  # as the first fill left it
+    # Krita puts the layer's arrival and removal in the undo history; undoing back across
+    # them brings back an empty, hidden layer only, never a stale preview.
+    for step in out["undo"]:
+        assert not any(step["preview_pixels"]), step
+        assert all(visible is False for name, _type, visible in step["layers"] if name == "genfill preview"), step
+    assert out["undo"][-1]["layers"] == before, out["undo"]

@@ -93,12 +93,21 @@ class PreviewLayer(QObject):
         if self.node is not None and tuple(box) != tuple(self.box):
             self._clear()
         if self.node is None:
-            node = self.document.createNode(PREVIEW_LAYER_NAME, "paintlayer")
+            document = self.document
+            node = document.createNode(PREVIEW_LAYER_NAME, "paintlayer")
             node.setPixelData(bgra, box.x, box.y, box.width, box.height)
             above = self._above
             placed = above is not None and above.parentNode() is not None
-            (above.parentNode() if placed else self.document.rootNode()).addChildNode(node, above if placed else None)
+            active = document.activeNode()
+            (above.parentNode() if placed else document.rootNode()).addChildNode(node, above if placed else None)
             self.node = node
+            # Krita makes a new layer the active one once its layer model catches up (in the
+            # main loop): a stroke painted during the job would land on the preview. Give the
+            # painter's layer back, now and after that.
+            if active is not None:
+                self._keep_active(document, active)
+                for delay_ms in (0, 100):
+                    QTimer.singleShot(delay_ms, lambda: self._keep_active(document, active))
         else:
             self.node.setPixelData(bgra, box.x, box.y, box.width, box.height)
         self.box = box
@@ -106,6 +115,13 @@ class PreviewLayer(QObject):
         self._last = time.monotonic()
         self.repaints += 1
         self.shown.emit()
+
+    def _keep_active(self, document, active) -> None:
+        if self.document is not document or self.node is None:
+            return
+        current = document.activeNode()
+        if current is None or current.uniqueId() == self.node.uniqueId():
+            document.setActiveNode(active)
 
     def _pixels(self, rgba: bytes, width: int, height: int, box) -> bytes:
         """The preview scaled to ``box``, masked by the selection, as Krita's B, G, R, A."""
