@@ -494,3 +494,30 @@ def test_a_cloud_engine_is_labelled_with_the_host_its_image_goes_to():
     assert choices(catalogue, "fill").engines == [
         ("Server default (bfl - image sent to api.bfl.ai)", ""), ("classic", "classic"),
         ("bfl - image sent to api.bfl.ai", "bfl")]
+
+
+@pytest.mark.parametrize("native", [None, 512, 1024])
+@pytest.mark.parametrize("canvas_size, selected", [((3000, 2000), (2500, 100, 80, 60)), ((301, 203), (250, 0, 51, 37)),
+                                                   ((2400, 900), (10, 700, 900, 190))])
+def test_preview_box_is_the_servers_context_box(canvas_size, selected, native):
+    """The box previews picture: what the server crops from the region the bridge sends."""
+    width, height = canvas_size
+    x, y, w, h = selected
+    mask = np.zeros((height, width), np.uint8)
+    mask[y : y + h, x : x + w] = 255
+    region = gb.region_to_send(gb.Box(*selected), gb.Size(width, height))
+    prepared = gb.PreparedFill(gb.FillOptions(), {}, {}, gb.Size(width, height), region, gb.Box(*selected))
+    crop = mask[region.y : region.bottom, region.x : region.right]
+    server = fill.context_box(crop, native_size=native)
+    expected = (server.x + region.x, server.y + region.y, server.width, server.height)
+    assert tuple(gb.preview_box(prepared, native)) == expected
+
+
+def test_native_size_comes_from_the_model_else_the_engine():
+    hello = {"default_engine": "sd", "engines": [{"name": "sd", "capabilities": {"native_size": 768}},
+                                                 {"name": "classic", "capabilities": {}}],
+             "models": [{"name": "tiny", "engine": "sd", "native_size": 64}]}
+    assert gb.native_size_for(hello, {"model": "tiny"}) == 64
+    assert gb.native_size_for(hello, {}) == 768
+    assert gb.native_size_for(hello, {"engine": "classic"}) is None
+    assert gb.native_size_for({}, {}) is None

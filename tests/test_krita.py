@@ -417,3 +417,102 @@ def test_strip_buttons_in_the_docker(painter_session):
     assert strip["from_layer"]["ok"] is True, strip["from_layer"]
     assert [len(g["children"]) for g in waves("from_layer")] == [3, 1, 1], "From this layer did not go on top"
     assert strip["discard"]["strip"] == 0 and len(waves("discard")) == 2
+
+
+def _preview_box(server, model: str) -> tuple[int, int, int, int]:
+    """The box the engine's previews picture: its context box, as the server computes it."""
+    from genfill.fill import context_box
+
+    with Client(server.url, token=server.token) as client:
+        [native] = [m.native_size for m in client.hello.models if m.name == model]
+    return tuple(context_box(_selection_mask(), native_size=native))
+
+
+def test_preview_layer_shows_previews_at_the_box_and_goes_with_the_job(diffusion_server, tmp_path, template_home):
+    out = _kritarunner("preview_layer", {"url": diffusion_server.url, "token": diffusion_server.token,
+                                         "model": "tiny-inpaint", "steps": 16, "cancel_steps": 100},
+                       tmp_path, template_home)
+    assert out["fill"]["ok"] is True, out["fill"]["text"]
+    before = out["before"]
+    assert before == [["Background", "paintlayer"]]
+    seen = out["seen"]
+    assert seen, "no preview reached the canvas"
+    box = _preview_box(diffusion_server, "tiny-inpaint")
+    for entry in seen:
+        # Right above the source layer, for as long as the job runs, at the previews' box.
+        assert entry["layers"] == before + [["genfill preview", "paintlayer"]], entry
+        assert tuple(entry["box"]) == box and entry["visible"] is True
+        # Masked by the selection: what shows is what the result will replace.
+        assert entry["bounds"] == list(SELECTION)
+    # Throttled: never two repaints within the interval, never more repaints than previews.
+    assert len(seen) <= out["received"]
+    assert all(b["t"] - a["t"] >= 0.2 for a, b in zip(seen, seen[1:])), [e["t"] for e in seen]
+
+    # The first repaint is the first preview, scaled to the box (the same pixels, within
+    # what two smooth scalers differ by).
+    path, width, height, preview_box = out["previews"][0]
+    assert tuple(preview_box) == box
+    x, y, w, h = box
+    preview = np.fromfile(path, np.uint8).reshape(height, width, 4)
+    expected = np.asarray(Image.fromarray(preview).resize((w, h), Image.BILINEAR)).astype(int)
+    layer = np.fromfile(seen[0]["pixels"], np.uint8).reshape(h, w, 4).astype(int)
+    inside = _selection_mask()[y : y + h, x : x + w] > 0
+    assert (layer[inside][:, 3] == 255).all() and (layer[~inside][:, 3] == 0).all()
+    difference = np.abs(layer[inside][:, :3] - expected[inside][:, :3])
+    assert difference.mean() < 12, difference.mean()
+
+    # After the result: the layers as they were, plus the result group; no preview left.
+    assert out["after_result"] == before + [["a window", "grouplayer"]]
+    assert [bounds for _name, bounds in out["result_children"]] == [list(SELECTION)] * 2
+
+    # Cancelled while a preview shows: gone too, and the document is as before the job. The
+    # layer goes where the result would: right above the layer read (the job names it).
+    [background, *rest] = out["before_cancel"]
+    assert out["cancel_seen"] and out["cancel_seen"][0] == [background, ["genfill preview", "paintlayer"], *rest]
+    assert out["cancel"]["ok"] is False and out["cancel"]["text"] == "Cancelled."
+    assert out["after_cancel"] == out["before_cancel"] == out["after_result"]
+    # Never in the saved file.
+    assert out["saved"] is True and out["reopened"] == out["after_result"]
+
+
+def test_full_krita_preview_layer_from_the_menu_action(diffusion_server, template_home, xvfb):
+    """Full Krita, the docker's Fill action with a diffusion model: the preview layer shows on
+    the canvas (a screenshot of the screen is kept), the result replaces it, and closing the
+    docker mid-job cancels the job and takes the layer away."""
+    from genfill.state import ServerState, write_state
+
+    tmp_path = harness.screenshot_folder("krita-preview-session")
+    screenshots = harness.screenshot_folder("krita-preview")
+    state = write_state(ServerState(url=diffusion_server.url, token=diffusion_server.token, pid=os.getpid(),
+                                    version="test"), tmp_path / "server.json")
+    job = {"wait_catalogue_ms": 15000, "screenshots": str(screenshots), "preview": {"model": "tiny-inpaint"}}
+    try:
+        out = _full_krita(tmp_path, template_home, xvfb, job, env={"GENFILL_STATE_FILE": str(state)})
+    finally:
+        shutil.rmtree(tmp_path / "home", ignore_errors=True)
+    print(f"screenshots in {screenshots}")
+    assert out["model"] == "tiny-inpaint", out.get("model")
+    before = out["before"]
+    preview = ["genfill preview", "paintlayer", True]
+    result, closed = out["result"], out["closed"]
+    assert result["while"] == before + [preview], result
+    assert tuple(result["box"]) == _preview_box(diffusion_server, "tiny-inpaint")
+    assert result["still_running"] is True, "the job ended before the screenshot: make it longer"
+    # The painter's layer stays the active one: a stroke during the job never lands on the preview.
+    assert result["active_while"] == "Background"
+    assert Path(result["screenshot"]).is_file(), result["screenshot"]
+    assert result["ok"] is True, result["text"]
+    assert result["after"] == before + [["result", "grouplayer", True]]
+    assert result["undo_text"] == "Undo Add Layer"
+    # Closing the docker mid-job: cancelled, the layer gone at once.
+    assert closed["while"][-1] == preview, closed
+    assert preview not in closed["after_close"]
+    assert closed["ok"] is False and closed["text"] == "Cancelled."
+    assert closed["after"] == result["after"]
+    assert closed["active_after"] == "result"  # as the first fill left it
+    # Krita puts the layer's arrival and removal in the undo history; undoing back across
+    # them brings back an empty, hidden layer only, never a stale preview.
+    for step in out["undo"]:
+        assert not any(step["preview_pixels"]), step
+        assert all(visible is False for name, _type, visible in step["layers"] if name == "genfill preview"), step
+    assert out["undo"][-1]["layers"] == before, out["undo"]

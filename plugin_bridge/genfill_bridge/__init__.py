@@ -9,7 +9,17 @@ about what to send and what an answer means is made here.
 __version__ = "0.1.0"
 
 from .client import JobEvent, JobResult, ServerConnection, Variation, fetch_catalogue, remote_host  # noqa: E402
-from .document import Document, PreparedFill, apply, group_name, prepare, result_warnings, run  # noqa: E402
+from .document import (  # noqa: E402
+    Document,
+    PreparedFill,
+    apply,
+    group_name,
+    native_size_for,
+    prepare,
+    preview_box,
+    result_warnings,
+    run,
+)
 from .errors import (  # noqa: E402
     BridgeError,
     ConnectionLost,
@@ -54,7 +64,9 @@ __all__ = [
     "default_state_path",
     "fetch_catalogue",
     "group_name",
+    "native_size_for",
     "prepare",
+    "preview_box",
     "region_to_send",
     "remote_host",
     "result_warnings",

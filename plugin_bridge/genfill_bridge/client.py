@@ -53,7 +53,9 @@ Trace = Callable[[str, "str | bytes"], None]
 @dataclass(frozen=True)
 class JobEvent:
     """``kind`` is ``accepted`` (``queue_position``) or ``progress`` (``step`` of ``total``,
-    with a small RGBA ``preview`` of ``preview_size`` (width, height) when one came)."""
+    with a small RGBA ``preview`` of ``preview_size`` (width, height) when one came).
+    ``preview_box`` is the canvas box the preview shows, scaled: ``document.run`` sets it
+    (``None`` where it cannot tell)."""
 
     kind: str
     queue_position: int = 0
@@ -61,6 +63,7 @@ class JobEvent:
     total: int = 0
     preview: bytes | None = None
     preview_size: tuple[int, int] | None = None
+    preview_box: Box | None = None
 
 
 @dataclass(frozen=True)

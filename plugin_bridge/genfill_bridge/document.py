@@ -14,6 +14,7 @@ Coordinates are canvas pixels, origin top-left. Pixels are ``bytes``: RGBA (``R,
 from __future__ import annotations
 
 import abc
+import dataclasses
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from .client import JobEvent, JobResult, ServerConnection, Trace
 from .errors import NoSelection
 from .frames import GRAY8, RGBA8, encode_frame, frame_image_id, is_all_zero
-from .geometry import Box, Size, region_to_send
+from .geometry import Box, Size, context_box, region_to_send
 from .messages import FillOptions, Margins
 from .settings import ServerSettings
 
@@ -68,6 +69,8 @@ class PreparedFill:
     frames: dict[str, bytes]
     canvas: Size
     region: Box
+    mask_box: Box | None = None
+    """The selection's box (for expand: the new area's, on the grown canvas)."""
 
     @property
     def result_canvas(self) -> Size:
@@ -95,7 +98,8 @@ def prepare(document: Document, options: FillOptions) -> PreparedFill:
     frames: dict[str, bytes] = {}
     if options.mode == "expand":
         image = _add(frames, RGBA8, whole, document.pixels(whole, options.source))
-        return PreparedFill(options, options.request(image, None, None), frames, canvas, whole)
+        return PreparedFill(options, options.request(image, None, None), frames, canvas, whole,
+                            _new_area(canvas, options.expand))
     bounds = document.selection_bounds()
     if bounds is None or bounds.width <= 0 or bounds.height <= 0:
         raise NoSelection(_NO_SELECTION)
@@ -106,7 +110,55 @@ def prepare(document: Document, options: FillOptions) -> PreparedFill:
     image = _add(frames, RGBA8, region, document.pixels(region, options.source))
     mask = _add(frames, GRAY8, region, selection)
     request = options.request(image, mask, None if region == whole else tuple(region))
-    return PreparedFill(options, request, frames, canvas, region)
+    return PreparedFill(options, request, frames, canvas, region, bounds)
+
+
+def preview_box(prepared: PreparedFill, native_size: int | None) -> Box | None:
+    """The box on the canvas as it is now (before an expand grows it) that the engine's
+    previews show: the engine's context box, computed as the server does (``context_box``
+    of the selection inside the region sent, at the engine's native size). Previews cover
+    that whole box, scaled down, not just the selection: the result box (the selection's)
+    is only known once the result is in. ``None`` without a selection box."""
+    mask = prepared.mask_box
+    if mask is None:
+        return None
+    if prepared.options.mode == "expand":
+        grown = prepared.result_canvas
+        box = context_box(mask, grown, native_size=native_size)
+        margins = prepared.options.expand
+        return Box(box.x - margins.left, box.y - margins.top, box.width, box.height)
+    region = prepared.region
+    local = Box(mask.x - region.x, mask.y - region.y, mask.width, mask.height)
+    box = context_box(local, region.size, native_size=native_size)
+    return Box(box.x + region.x, box.y + region.y, box.width, box.height)
+
+
+def native_size_for(hello: dict, request: dict) -> int | None:
+    """The native size the server's engine works at for ``request``, from its hello: the
+    named model's, else the engine's (the named one, the model's, or the default)."""
+    models = {model.get("name"): model for model in hello.get("models") or [] if isinstance(model, dict)}
+    model = models.get(request.get("model"))
+    if model is not None and isinstance(model.get("native_size"), int):
+        return model["native_size"]
+    name = request.get("engine") or (model or {}).get("engine") or hello.get("default_engine")
+    for engine in hello.get("engines") or []:
+        if isinstance(engine, dict) and engine.get("name") == name:
+            size = (engine.get("capabilities") or {}).get("native_size")
+            return size if isinstance(size, int) else None
+    return None
+
+
+def _new_area(canvas: Size, margins: Margins) -> Box | None:
+    """The bounding box of the bands an expand adds, on the grown canvas; ``None`` for none."""
+    left, right, top, bottom = margins.left, margins.right, margins.top, margins.bottom
+    if not (left or right or top or bottom):
+        return None
+    width, height = canvas.width + left + right, canvas.height + top + bottom
+    x0 = 0 if (left or top or bottom) else left + canvas.width
+    x1 = width if (right or top or bottom) else left
+    y0 = 0 if (top or left or right) else top + canvas.height
+    y1 = height if (bottom or left or right) else top
+    return Box(x0, y0, x1 - x0, y1 - y0)
 
 
 def run(
@@ -125,6 +177,13 @@ def run(
         ServerNotRunning, TokenRejected, ConnectionLost, ProtocolMismatch, JobFailed, JobCancelled.
     """
     with ServerConnection.from_settings(settings, trace=trace) as connection:
+        if previews and on_event is not None:
+            box = preview_box(prepared, native_size_for(connection.hello, prepared.request))
+            forward = on_event
+
+            def on_event(event: JobEvent) -> None:
+                forward(dataclasses.replace(event, preview_box=box) if event.preview is not None else event)
+
         return connection.run(
             prepared.frames, prepared.request, canvas=prepared.result_canvas, on_event=on_event, cancel=cancel,
             previews=previews,

@@ -10,6 +10,7 @@ errors included, goes to ``out``. The installed plug-in package must be on ``PYT
 import json
 import os
 import sys
+import time
 import traceback
 
 from krita import InfoObject, Krita, Selection
@@ -365,8 +366,95 @@ def scenario_cloud(job, out):
         out["labels_from"] = "model_label"
 
 
+def _layer_names(document):
+    return [[node.name(), node.type()] for node in document.topLevelNodes() if node.type() != "selectionmask"]
+
+
+def scenario_preview_layer(job, out):
+    """A diffusion job, twice: the "genfill preview" layer while it runs (where, what pixels),
+    and the layer list after the result and after a cancel."""
+    from genfill_krita.controller import FillController
+    from genfill_krita.genfill_bridge import FillOptions, ServerSettings
+    from genfill_krita.genfill_bridge.frames import swap_red_blue
+    from genfill_krita.preview import PREVIEW_LAYER_NAME
+
+    document, layer = make_document(job)
+    settings = ServerSettings(url=job["url"], token=job["token"])
+    controller = FillController()
+    out["before"] = _layer_names(document)
+    seen = []
+    received = []
+    controller.preview.connect(lambda rgba, width, height: received.append(1))
+
+    def shown():
+        # What the canvas holds right after a repaint, and the preview it was painted from.
+        document.waitForDone()
+        preview = controller.preview_layer
+        node = [n for n in document.topLevelNodes() if n.name() == PREVIEW_LAYER_NAME]
+        box = preview.box
+        bounds = node[0].bounds() if node else None
+        entry = {"layers": _layer_names(document), "box": list(box), "repaints": preview.repaints, "t": time.monotonic(),
+                 "bounds": [bounds.x(), bounds.y(), bounds.width(), bounds.height()] if bounds else None,
+                 "visible": node[0].visible() if node else None}
+        if len(seen) < 3 and node:
+            index = len(seen)
+            pixels = os.path.join(job["workdir"], f"preview-layer-{index}.rgba")
+            with open(pixels, "wb") as file:
+                file.write(swap_red_blue(bytes(node[0].pixelData(*box))))
+            entry["pixels"] = pixels
+        seen.append(entry)
+
+    controller.preview_layer.shown.connect(shown)
+    # The preview each repaint was made from: the newest one that reached the layer.
+    original_update = controller.preview_layer.update
+    previews = []
+
+    def update(rgba, width, height, box):
+        path = os.path.join(job["workdir"], f"preview-{len(previews)}.rgba")
+        with open(path, "wb") as file:
+            file.write(rgba)
+        previews.append([path, width, height, list(box) if box else None])
+        original_update(rgba, width, height, box)
+
+    controller.preview_layer.update = update
+    options = FillOptions(prompt="a window", model=job["model"], steps=job["steps"], variations=job.get("variations", 2), seed=3)
+    out["fill"] = _wait_for(controller, lambda: controller.start(document, options, settings, node=layer))
+    out["seen"] = seen
+    out["received"] = len(received)
+    out["previews"] = previews
+    document.waitForDone()
+    out["after_result"] = _layer_names(document)
+    out["result_children"] = [[c.name(), [c.bounds().x(), c.bounds().y(), c.bounds().width(), c.bounds().height()]]
+                              for c in controller.last_group.childNodes()] if controller.last_group else None
+
+    # Cancelled once the layer shows a preview.
+    before_cancel = _layer_names(document)
+    out["before_cancel"] = before_cancel
+    cancel_seen = []
+
+    def cancel_on_show():
+        cancel_seen.append(_layer_names(document))
+        controller.cancel()
+
+    controller.preview_layer.shown.disconnect(shown)
+    controller.preview_layer.shown.connect(cancel_on_show)
+    options = FillOptions(prompt="a door", model=job["model"], steps=job["cancel_steps"], variations=1, seed=4)
+    out["cancel"] = _wait_for(controller, lambda: controller.start(document, options, settings, node=layer))
+    document.waitForDone()
+    out["cancel_seen"] = cancel_seen
+    out["after_cancel"] = _layer_names(document)
+    path = os.path.join(job["workdir"], "after.kra")
+    out["saved"] = document.saveAs(path)
+    document.waitForDone()
+    document.close()
+    reopened = Krita.instance().openDocument(path)
+    out["reopened"] = _layer_names(reopened)
+    reopened.close()
+
+
 SCENARIOS = {
     "cloud": scenario_cloud,
+    "preview_layer": scenario_preview_layer,
     "previews": scenario_previews,
     "group_source": scenario_group_source,
     "staging": scenario_staging,

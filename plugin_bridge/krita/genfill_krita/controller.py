@@ -6,7 +6,9 @@ inserting the layers (``apply``) happen on Krita's main thread. The worker repor
 Qt signals of this ``QObject``, which lives on the main thread, so PyQt queues them across.
 We chose this over driving asyncio from a Qt timer: the same blocking client then serves GIMP
 (whose plug-ins are their own process and may block), and there is one code path to test.
-Cancel sets a ``threading.Event`` the worker polls every 0.1 s.
+Cancel sets a ``threading.Event`` the worker polls every 0.1 s. Previews go to the docker
+(``preview``) and onto the canvas as a temporary layer (``preview_layer``, see ``preview``),
+which goes before anything else when the job ends, however it ends.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from PyQt5.QtCore import QObject, pyqtSignal
 
 from .adapter import KritaDocument
 from .genfill_bridge import BridgeError, FillOptions, JobCancelled, ServerSettings, apply, prepare, result_warnings, run
+from .preview import PreviewLayer
 from .staging import Staging, find_layer, record_of
 
 
@@ -39,6 +42,7 @@ class FillController(QObject):
         self._job = None
         self.last_group = None
         self.staging = Staging(self)
+        self.preview_layer = PreviewLayer(self)
         self._note = ""
 
     @property
@@ -66,6 +70,8 @@ class FillController(QObject):
         except (BridgeError, ValueError) as exc:
             self.finished.emit(False, str(exc))
             return False
+        if options.mode != "expand":  # an expand's new area is off the canvas until the result
+            self.preview_layer.begin(document, adapter.above, prepared.region, adapter.selection_pixels(prepared.region))
         self._cancel = threading.Event()
         self._job = (adapter, prepared, replaces)
         self._note = note
@@ -98,8 +104,14 @@ class FillController(QObject):
             self.progress.emit(event.step, event.total)
             if event.preview is not None and event.preview_size is not None:
                 self.preview.emit(event.preview, *event.preview_size)
+                self.preview_layer.update(event.preview, *event.preview_size, event.preview_box)
+
+    def end_preview(self) -> None:
+        """Takes the preview layer away (the docker calls it when it is closed)."""
+        self.preview_layer.remove()
 
     def _on_done(self, result, error) -> None:
+        self.preview_layer.remove()  # first: the layer list is then as it was, plus the result
         adapter, prepared, replaces = self._job
         self._job = None
         self._cancel = None

@@ -253,6 +253,12 @@ class GenfillDocker(DockWidget):
     def canvasChanged(self, canvas) -> None:  # noqa: N802 - Krita's name
         pass
 
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        """Closing the docker cancels its job and takes the preview layer off the canvas."""
+        self.controller.cancel()
+        self.controller.end_preview()
+        super().closeEvent(event)
+
     def settings(self) -> ServerSettings:
         return ServerSettings(url=self.url.text().strip(), token=self.token.text().strip())
 

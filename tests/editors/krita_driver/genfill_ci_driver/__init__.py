@@ -141,6 +141,9 @@ def _play(job, out):
     sys.excepthook = lambda kind, value, tb: out.setdefault("slot_exceptions", []).append(
         "".join(traceback.format_exception(kind, value, tb))
     )
+    if job.get("preview"):
+        yield from _play_preview(job, out, app, window, document, docker, action)
+        return
     fills = job.get("fills") or [{"prompt": job["prompt"]}]
     out["fills"] = []
     for index, fill in enumerate(fills):
@@ -247,6 +250,73 @@ def _play(job, out):
             strip[name] = {**finished, "strip": docker.strip.count(), "groups": _groups(document),
                            "status": docker.status_label.text()}
         _shots(job, out, docker, window, "strip")
+
+
+def _names(document):
+    return [[n.name(), n.type(), n.visible()] for n in document.topLevelNodes() if n.type() != "selectionmask"]
+
+
+def _play_preview(job, out, app, window, document, docker, action):
+    """A diffusion fill from the menu action: the preview layer on the canvas (a screenshot
+    of the whole screen while it shows), the result, undo across it; then a fill whose
+    docker is closed while its preview shows."""
+    import subprocess
+
+    preview = job["preview"]
+    docker.model.setCurrentIndex(max(docker.model.findData(preview["model"]), 0))
+    out["model"] = docker.model.currentData()
+    # Several variations: the job runs on for seconds after its first preview (a CPU model).
+    docker.variations.setValue(preview.get("variations", 4))
+    docker.seed.setValue(7)
+    out["before"] = _names(document)
+    for name in ("result", "closed"):
+        record = out[name] = {}
+        finished = {}
+
+        def on_finished(ok, text, finished=finished):
+            finished.update(ok=ok, text=text)
+
+        docker.controller.finished.connect(on_finished)
+        docker.prompt.setPlainText(name)
+        _step(job, out, f"preview {name}: action.trigger")
+        action.trigger()
+        deadline = time.monotonic() + 120
+        while not docker.controller.preview_layer.active and not finished and time.monotonic() < deadline:
+            yield 50
+        layer = docker.controller.preview_layer
+        record["while"] = _names(document)
+        record["box"] = list(layer.box) if layer.box is not None else None
+        if name == "result":
+            yield 1500  # the canvas repaints in Krita's main loop
+            record["active_while"] = document.activeNode().name()
+            shot = os.path.join(job["screenshots"], "canvas-with-preview-layer.png")
+            grabbed = subprocess.run(["import", "-window", "root", shot], capture_output=True, timeout=30)
+            record["screenshot"] = shot if grabbed.returncode == 0 else grabbed.stderr.decode()[-500:]
+            record["still_running"] = not finished
+        else:
+            docker.close()
+            yield 300
+            record["after_close"] = _names(document)
+            docker.show()
+        while not finished and time.monotonic() < deadline:
+            yield 50
+        docker.controller.finished.disconnect(on_finished)
+        yield 500
+        document.waitForDone()
+        record.update(finished)
+        record["after"] = _names(document)
+        record["active_after"] = document.activeNode().name()
+        record["undo_text"] = app.action("edit_undo").text()
+    # Undo, step by step, across the first fill's result: what each step brings back.
+    out["undo"] = []
+    for _undo in range(3):
+        text = app.action("edit_undo").text()
+        app.action("edit_undo").trigger()
+        yield 800
+        document.waitForDone()
+        nodes = [n for n in document.topLevelNodes() if n.name() == "genfill preview"]
+        out["undo"].append({"text": text, "layers": _names(document),
+                            "preview_pixels": [any(bytes(n.pixelData(0, 0, job["width"], job["height"]))) for n in nodes]})
 
 
 def _run():
