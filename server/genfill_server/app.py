@@ -162,7 +162,7 @@ class GenfillServer:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._allowed_hosts = self._hosts_for(config.host, self.port) | set(config.allowed_hosts)
-        self.engines.load_default()
+        await self.scheduler.runner.start()
         self.scheduler.start()
         if config.write_state_file:
             self._state_path = write_state(
@@ -191,7 +191,7 @@ class GenfillServer:
             )
             await self._server.wait_closed()
         await self.scheduler.stop()
-        self.engines.close()
+        await self.scheduler.runner.close()
         if self._state_path is not None:
             remove_state(self._state_path, self.token)
             self._state_path = None
