@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q -r tests/requirements-ci.txt -e '.[diffusion,test]'
+.venv/bin/python -m pip install -q -r tests/requirements-ci.txt -e '.[diffusion,test,pool]'
 if [ -f tests/editors/provision.sh ]; then
   bash tests/editors/provision.sh
 fi

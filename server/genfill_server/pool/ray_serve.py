@@ -10,10 +10,10 @@ import logging
 import re
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import ray
@@ -67,8 +67,11 @@ class _Item:
     loop: asyncio.AbstractEventLoop
     cancel: threading.Event = field(default_factory=threading.Event)
     last_preview: float = 0.0
+    steps: int = 0
+    """Steps the engine reported for this job."""
 
     def on_step(self, step: int, total: int, preview: np.ndarray | None) -> None:
+        self.steps = step
         if self.cancel.is_set():
             raise JobCancelledError(self.payload["job_id"])
         now = time.perf_counter()
@@ -108,8 +111,9 @@ class EngineReplica:
 
     async def fill(self, payload: dict):
         """Streams ``("started", replica)``, ``("progress", step, total, preview)``... and
-        one last ``("result", box, layers)``, ``("error", code, message)``, ``("cancelled",)``
-        or ``("failed",)``."""
+        one last ``("result", box, layers, batch_images)``, ``("error", code, message)``,
+        ``("cancelled", steps)`` or ``("failed",)``; ``batch_images`` counts the images of the
+        engine batch the job ran in, ``steps`` those it ran before it stopped."""
         yield ("started", self.replica_name())
         item = _Item(payload, asyncio.Queue(), asyncio.get_running_loop())
         running = asyncio.ensure_future(self._batched(item))
@@ -162,7 +166,7 @@ class EngineReplica:
                     engine, payload["request"], np.array(canvas), np.array(selection), payload["seeds"], references
                 )
             except Exception as exc:  # noqa: BLE001 - answered per job
-                answers[index] = self._failure(exc)
+                answers[index] = self._failure(exc, items[index])
         groups: dict[object, list[int]] = {}
         for index in prepared:
             key = batch_key(engine, items[index].payload["request"], prepared[index].job.selection)
@@ -172,19 +176,20 @@ class EngineReplica:
                 outcomes = run_batch(engine, [prepared[i].job for i in indices], [items[i].on_step for i in indices])
             except Exception as exc:  # noqa: BLE001
                 outcomes = [exc] * len(indices)
+            images = sum(len(prepared[i].job.seeds) for i in indices)
             for index, outcome in zip(indices, outcomes, strict=True):
                 try:
                     if isinstance(outcome, BaseException):
                         raise outcome
                     result = finish_fill(engine, prepared[index], outcome)
-                    answers[index] = ("result", tuple(result.box), result.layers)
+                    answers[index] = ("result", tuple(result.box), result.layers, images)
                 except Exception as exc:  # noqa: BLE001
-                    answers[index] = self._failure(exc)
+                    answers[index] = self._failure(exc, items[index])
         return answers  # type: ignore[return-value]
 
-    def _failure(self, exc: BaseException) -> tuple:
+    def _failure(self, exc: BaseException, item: _Item) -> tuple:
         if isinstance(exc, JobCancelledError):
-            return ("cancelled",)
+            return ("cancelled", item.steps)
         if isinstance(exc, RequestError):
             if exc.code == ErrorCode.OUT_OF_MEMORY:
                 self.broken = True
@@ -195,6 +200,17 @@ class EngineReplica:
 
 
 # The ingress
+
+
+class RanJob(NamedTuple):
+    """How a job ended on the pool: where, how many images its engine batch had (0 where it
+    did not finish) and how many steps it ran (``None`` where the replica did not say)."""
+
+    job_id: str
+    replica: str
+    outcome: str
+    batch_images: int = 0
+    steps: int | None = None
 
 
 class ObjectCache:
@@ -255,6 +271,8 @@ class RayRunner:
         self.objects = ObjectCache(config.object_cache_bytes)
         self.replica_of: dict[str, str] = {}
         """The replica (Ray actor name) each running job was last seen on, by job id."""
+        self.recent: deque[RanJob] = deque(maxlen=256)
+        """The last jobs that ended on a replica, oldest first."""
         self._handles: dict[tuple[str, str | None], Any] = {}
         self._deploying: dict[tuple[str, str | None], threading.Lock] = {}
         self._lock = threading.Lock()
@@ -388,6 +406,9 @@ class RayRunner:
     # Running
 
     async def _run_one(self, job: Job, on_step: StepCallback) -> Outcome:
+        if self._status.get("status") == "unavailable" or not ray.is_initialized():
+            # Without a connection, Ray's next call would start a new local instance.
+            return PoolUnavailable("the engine pool cannot be reached; try again once it is back")
         try:
             handle = await asyncio.to_thread(self._handle, job.engine_name, job.request.model)
             payload = await asyncio.to_thread(self._payload, job)
@@ -437,6 +458,15 @@ class RayRunner:
                         stream.cancel()
                         return exc
                 else:
+                    self.recent.append(
+                        RanJob(
+                            job.job_id,
+                            self.replica_of.get(job.job_id, ""),
+                            kind,
+                            event[3] if kind == "result" else 0,
+                            event[1] if kind == "cancelled" else None,
+                        )
+                    )
                     return _final(job, event)
             return ReplicaFailed(f"the {job.engine_name} engine's replica ended the job without an answer")
         except RequestCancelledError as exc:
