@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tiny_models
 from conftest import brick_image, rect_mask
-from genfill import Client, JobCancelled, JobFailed
+from genfill import Client, EngineUnavailable, JobCancelled, JobFailed
 from genfill_server.app import ServerConfig
 from genfill_server.background import BackgroundServer
 from genfill_server.engines import default_engines
@@ -265,3 +265,26 @@ def test_health_reports_the_pool(pool):
     assert health["pool"]["status"] == "ok"
     deployments = health["pool"]["deployments"]
     assert {"genfill-classic-default", f"genfill-sd_inpaint-{INPAINT}"} <= set(deployments)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(240)
+def test_the_ingress_outlives_the_pool_and_says_so(pool):
+    # Last in this module: it ends the Ray instance the pool fixture's server started.
+    import ray
+
+    canvas, mask = brick_image(64, 64), rect_mask(64, 64, (8, 8, 40, 40))
+    with Client(pool.url, token=pool.token) as client:
+        job = client.submit_fill(canvas, mask, model=INPAINT, variations=1, steps=150, seed=1)
+        wait_for_steps(job)
+        ray.shutdown()
+        with pytest.raises((EngineUnavailable, JobFailed)):
+            job.result(timeout_s=30)
+        deadline = time.monotonic() + 30
+        while client.health()["pool"]["status"] != "unavailable":
+            assert time.monotonic() < deadline, "the health endpoint never said the pool was gone"
+            time.sleep(0.2)
+        with pytest.raises(EngineUnavailable) as caught:
+            client.fill(canvas, mask, variations=1, seed=1, timeout_s=30)
+        assert caught.value.code == "engine_unavailable"
+        assert client.health()["status"] == "ok"

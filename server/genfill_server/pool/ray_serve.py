@@ -443,8 +443,28 @@ class RayRunner:
 
     async def _stream(self, job: Job, handle, payload: dict, on_step: StepCallback) -> Outcome:
         stream = handle.options(stream=True).fill.remote(payload)
+        consume = asyncio.create_task(self._consume(job, stream, on_step))
+        watch = asyncio.create_task(self._watch(job))
+        try:
+            await asyncio.wait({consume, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if consume.done():
+                return consume.result()
+            # Cancelled, or the pool is gone: a stream of a lost cluster may never end, so
+            # nothing here waits on it.
+            with contextlib.suppress(Exception):
+                stream.cancel()
+            consume.cancel()
+            await asyncio.wait({consume}, timeout=1.0)
+            if watch.result() == "cancelled":
+                return JobCancelledError(job.job_id)
+            return PoolUnavailable("the engine pool went away during this job")
+        finally:
+            watch.cancel()
+            if not consume.done():
+                consume.cancel()
+
+    async def _consume(self, job: Job, stream, on_step: StepCallback) -> Outcome:
         started = False
-        watcher = asyncio.create_task(self._watch(job, stream))
         try:
             async for event in stream:
                 kind = event[0]
@@ -485,15 +505,16 @@ class RayRunner:
                 raise _NotStarted from exc
             logger.error("job %s: the Ray pool failed", job.job_id, exc_info=exc)
             return _unavailable(exc)
-        finally:
-            watcher.cancel()
 
-    async def _watch(self, job: Job, stream) -> None:
-        """Cancels ``stream`` once the job is cancelled or the pool is gone, so nothing waits
-        on a replica that will never answer."""
-        while not job.cancel_requested.is_set() and self._status.get("status") != "unavailable":
+    async def _watch(self, job: Job) -> str:
+        """Returns once the job is cancelled (``"cancelled"``) or the pool is gone
+        (``"unavailable"``), so that nothing waits on a replica that will never answer."""
+        while True:
+            if job.cancel_requested.is_set():
+                return "cancelled"
+            if self._status.get("status") == "unavailable":
+                return "unavailable"
             await asyncio.sleep(_CANCEL_POLL_S)
-        stream.cancel()
 
 
 def _final(job: Job, event: tuple) -> Outcome:
