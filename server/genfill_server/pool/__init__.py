@@ -60,6 +60,10 @@ class PoolConfig:
             ``object_store_memory``...).
         object_cache_bytes: bytes of images the ingress keeps in the object store; ``None``
             disables the limit.
+        deploy_timeout_s: how long a job waits for its deployment's replicas to start (they
+            load the model first) before it is answered ``engine_unavailable``; the deployment
+            goes on starting for the next job. A cluster without room for the replicas (CPUs,
+            GPUs) would otherwise keep the job waiting for ever.
     """
 
     address: str = "auto"
@@ -72,6 +76,7 @@ class PoolConfig:
     in_flight: int = 8
     init_options: dict = field(default_factory=dict)
     object_cache_bytes: int | None = 256 * 2**20
+    deploy_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
         if self.replicas < 1:

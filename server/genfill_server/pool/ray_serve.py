@@ -4,6 +4,7 @@ runner. See ``genfill_server.pool`` for the design."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
@@ -13,7 +14,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 import ray
@@ -273,8 +274,7 @@ class RayRunner:
         """The replica (Ray actor name) each running job was last seen on, by job id."""
         self.recent: deque[RanJob] = deque(maxlen=256)
         """The last jobs that ended on a replica, oldest first."""
-        self._handles: dict[tuple[str, str | None], Any] = {}
-        self._deploying: dict[tuple[str, str | None], threading.Lock] = {}
+        self._handles: dict[tuple[str, str | None], concurrent.futures.Future] = {}
         self._lock = threading.Lock()
         self._started_ray = False
         self._status: dict = {"status": "starting", "address": config.address}
@@ -328,7 +328,7 @@ class RayRunner:
     def _disconnect(self) -> None:
         self.objects.clear()
         with self._lock:
-            names = [app_name(*key) for key in self._handles]
+            names = [app_name(*key) for key, deploying in self._handles.items() if deploying.done()]
             self._handles.clear()
         if not ray.is_initialized():
             return
@@ -366,21 +366,33 @@ class RayRunner:
                 }
         return {"status": "ok", "address": self.config.address, "deployments": deployments}
 
-    def _handle(self, engine: str, model: str | None):
+    async def _handle(self, engine: str, model: str | None):
         key = (engine, model)
         with self._lock:
-            handle = self._handles.get(key)
-            if handle is not None:
-                return handle
-            deploying = self._deploying.setdefault(key, threading.Lock())
-        with deploying:
+            deploying = self._handles.get(key)
+            if deploying is None:
+                # On its own thread: serve.run waits until the replicas run, which is never
+                # on a cluster without room for them.
+                deploying = self._handles[key] = concurrent.futures.Future()
+                threading.Thread(
+                    target=self._deploy_into, args=(deploying, engine, model), name=f"genfill-deploy-{engine}", daemon=True
+                ).start()
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(deploying)), self.config.deploy_timeout_s)
+        except TimeoutError:
+            raise PoolUnavailable(
+                f"the {engine} engine's replicas did not start within {self.config.deploy_timeout_s:g} s: "
+                "the pool may lack the CPUs or GPUs they need"
+            ) from None
+
+    def _deploy_into(self, future: concurrent.futures.Future, engine: str, model: str | None) -> None:
+        try:
+            future.set_result(self._deploy(engine, model))
+        except BaseException as exc:  # noqa: BLE001 - handed to every job waiting for it
             with self._lock:
-                if key in self._handles:
-                    return self._handles[key]
-            handle = self._deploy(engine, model)
-            with self._lock:
-                self._handles[key] = handle
-            return handle
+                if self._handles.get((engine, model)) is future:
+                    del self._handles[(engine, model)]  # the next job tries again
+            future.set_exception(exc)
 
     def _deploy(self, engine: str, model: str | None):
         config = self.config
@@ -410,7 +422,7 @@ class RayRunner:
             # Without a connection, Ray's next call would start a new local instance.
             return PoolUnavailable("the engine pool cannot be reached; try again once it is back")
         try:
-            handle = await asyncio.to_thread(self._handle, job.engine_name, job.request.model)
+            handle = await self._handle(job.engine_name, job.request.model)
             payload = await asyncio.to_thread(self._payload, job)
         except RequestError as exc:
             return exc
