@@ -8,7 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 import tiny_models
-from conftest import brick_image, rect_mask
+from conftest import brick_image, rect_mask, server_config
 from genfill import EngineUnavailable, JobCancelled
 from genfill_server.app import ServerConfig
 from genfill_server.background import BackgroundServer
@@ -21,13 +21,13 @@ PLAIN = "tiny-plain"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, request):
     models = tmp_path_factory.mktemp("models")
     tiny_models.tiny_sd15_inpaint(vae_attention=False).save_pretrained(models / INPAINT)
     tiny_models.tiny_sd15(vae_attention=False).save_pretrained(models / PLAIN)
     tiny_models.tiny_sd15_controlnet().save_pretrained(models / "control_v11p_sd15_canny")
     engines = default_engines(model_dirs=[models], hf_cache=False)
-    with BackgroundServer(ServerConfig(write_state_file=False), engines) as running:
+    with BackgroundServer(server_config(request), engines) as running:
         yield running
 
 

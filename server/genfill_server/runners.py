@@ -15,7 +15,7 @@ from typing import Protocol
 
 from .engines import EngineSet
 from .engines.base import DeviceKind, Engine, StepCallback, run_batch
-from .jobs import Job
+from .jobs import FairQueue, Job
 from .pipeline import PipelineResult, PreparedFill, finish_fill, prepare_fill
 
 Finisher = Callable[[], PipelineResult]
@@ -36,6 +36,15 @@ class Runner(Protocol):
     def loaded(self, name: str, device: str, model: str | None) -> Engine | None:
         """The engine if it is loaded in this process, for the scheduler's own batching;
         ``None`` batches nothing here."""
+        ...
+
+    async def next_job(self, queue: FairQueue) -> Job:
+        """Takes the next job a worker runs from ``queue``, in its fair order; a runner with
+        limited room takes only jobs it has room for, so the others keep their turn."""
+        ...
+
+    def release(self, job: Job) -> None:
+        """``job``, taken by ``next_job``, will not be run (it was cancelled first)."""
         ...
 
     async def run(
@@ -79,6 +88,12 @@ class LocalRunner:
 
     def loaded(self, name: str, device: str, model: str | None) -> Engine | None:
         return self.engines.loaded(name, device, model)
+
+    async def next_job(self, queue: FairQueue) -> Job:
+        return await queue.get()
+
+    def release(self, job: Job) -> None:
+        pass
 
     async def run(
         self, jobs: Sequence[Job], device: str, on_steps: Sequence[StepCallback], fail: FailJob

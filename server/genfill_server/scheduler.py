@@ -149,8 +149,9 @@ class Scheduler:
         queue = self.lanes[kind]
         try:
             while True:
-                job = await queue.get()
+                job = await self.runner.next_job(queue)
                 if job.cancel_requested.is_set():
+                    self.runner.release(job)
                     self.finish(job, [Cancelled(job_id=job.job_id).model_dump_json()])
                     continue
                 job.state = "running"

@@ -54,8 +54,9 @@ class PoolConfig:
         batch_wait_s: how long a replica waits for more jobs to batch with the first.
         max_batch_images: images per replica batch, at most; an engine's own
             ``max_batch_images`` is kept where it is smaller.
-        in_flight: jobs a lane of the ingress has in the pool at once; the fair queue keeps
-            the rest. Enough to fill every replica's batches.
+        in_flight: workers a lane of the ingress has, so the most jobs of that lane in the
+            pool at once. A deployment is given no more jobs than it has room for
+            (``RayRunner.room``); the others wait their turn in the fair queue.
         init_options: more ``ray.init`` arguments for ``address="auto"`` (``num_cpus``,
             ``object_store_memory``...).
         object_cache_bytes: bytes of images the ingress keeps in the object store; ``None``

@@ -27,7 +27,7 @@ from ray.serve.exceptions import RequestCancelledError
 from ..engines import EngineSet
 from ..engines.base import DeviceKind, Engine, JobCancelledError, StepCallback, run_batch
 from ..errors import RequestError
-from ..jobs import Job
+from ..jobs import FairQueue, Job
 from ..pipeline import PipelineResult, batch_key, finish_fill, prepare_fill
 from ..runners import FailJob, Outcome
 from . import PoolConfig
@@ -275,6 +275,9 @@ class RayRunner:
         self.recent: deque[RanJob] = deque(maxlen=256)
         """The last jobs that ended on a replica, oldest first."""
         self._handles: dict[tuple[str, str | None], concurrent.futures.Future] = {}
+        self._taken: dict[tuple[str, str | None], set[Job]] = {}
+        """Jobs taken from the fair queue and not yet ended, by deployment."""
+        self._room: asyncio.Event | None = None
         self._lock = threading.Lock()
         self._started_ray = False
         self._status: dict = {"status": "starting", "address": config.address}
@@ -287,6 +290,41 @@ class RayRunner:
 
     def loaded(self, name: str, device: str, model: str | None) -> Engine | None:
         return None  # batches form on the replicas, across every ingress worker's jobs
+
+    def room(self, engine: str, model: str | None) -> int:
+        """Jobs a deployment is given at once: one a replica, or a batch a replica for an
+        engine that batches. Jobs past that wait in the fair queue, not in Ray's, so that
+        clients keep taking turns."""
+        config = self.config
+        replicas = config.replicas if config.autoscaling is None else int(config.autoscaling.get("max_replicas", 1))
+        capabilities = self.engines.specs[engine].capabilities_for(model)
+        batch = min(config.max_batch_images, capabilities.max_batch_images) if capabilities.batching else 1
+        return max(1, replicas * batch)
+
+    def _has_room(self, job: Job) -> bool:
+        key = (job.engine_name, job.request.model)
+        return len(self._taken.get(key, ())) < self.room(*key)
+
+    async def next_job(self, queue: FairQueue) -> Job:
+        if self._room is None:
+            self._room = asyncio.Event()
+        while True:
+            await queue.wait()
+            taken = queue.take(self._has_room, 1)
+            if taken:
+                job = taken[0]
+                self._taken.setdefault((job.engine_name, job.request.model), set()).add(job)
+                return job
+            self._room.clear()
+            with contextlib.suppress(TimeoutError):
+                # Woken when a job ends; the timeout covers jobs queued meanwhile for another
+                # deployment, which has room.
+                await asyncio.wait_for(self._room.wait(), 0.05)
+
+    def release(self, job: Job) -> None:
+        self._taken.get((job.engine_name, job.request.model), set()).discard(job)
+        if self._room is not None:
+            self._room.set()
 
     async def start(self) -> None:
         await asyncio.to_thread(self._connect)
@@ -418,6 +456,12 @@ class RayRunner:
     # Running
 
     async def _run_one(self, job: Job, on_step: StepCallback) -> Outcome:
+        try:
+            return await self._run_taken(job, on_step)
+        finally:
+            self.release(job)
+
+    async def _run_taken(self, job: Job, on_step: StepCallback) -> Outcome:
         if self._status.get("status") == "unavailable" or not ray.is_initialized():
             # Without a connection, Ray's next call would start a new local instance.
             return PoolUnavailable("the engine pool cannot be reached; try again once it is back")
