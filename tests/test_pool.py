@@ -288,3 +288,13 @@ def test_the_ingress_outlives_the_pool_and_says_so(pool):
             client.fill(canvas, mask, variations=1, seed=1, timeout_s=30)
         assert caught.value.code == "engine_unavailable"
         assert client.health()["status"] == "ok"
+
+
+@pytest.mark.parametrize(
+    "argv", [["serve", "--replicas", "2"], ["serve", "--max-replicas", "4"], ["serve", "--ray", "auto", "--replicas", "0"]]
+)
+def test_pool_options_are_checked_before_anything_starts(argv, capsys):
+    from genfill_server.cli import main
+
+    assert main(argv) == 2
+    assert "genfill:" in capsys.readouterr().err
