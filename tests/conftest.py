@@ -28,9 +28,37 @@ def _isolated_state_file(tmp_path, monkeypatch):
     monkeypatch.setenv("GENFILL_STATE_FILE", str(tmp_path / "state" / "server.json"))
 
 
+def pytest_addoption(parser) -> None:
+    parser.addoption(
+        "--pool", action="store_true",
+        help="run the shared server fixtures' engines on a local Ray Serve pool (needs genfill[pool])",
+    )
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    if config.getoption("--pool"):
+        for item in items:
+            if "server" in getattr(item, "fixturenames", ()):
+                item.add_marker(pytest.mark.ray)
+
+
+def server_config(request: pytest.FixtureRequest, **fields) -> ServerConfig:
+    """The config of a test module's shared server: in this process, or with ``--pool`` on a
+    local Ray instance of 2 CPUs, two replicas an engine."""
+    if request.config.getoption("--pool"):
+        from genfill_server.pool import PoolConfig
+
+        fields["pool"] = PoolConfig(
+            replicas=2,
+            num_cpus=0.25,
+            init_options={"num_cpus": 2, "object_store_memory": 300 * 2**20, "_node_ip_address": "127.0.0.1"},
+        )
+    return ServerConfig(write_state_file=False, **fields)
+
+
 @pytest.fixture(scope="module")
-def server() -> Iterator[BackgroundServer]:
-    with BackgroundServer(ServerConfig(write_state_file=False)) as running:
+def server(request) -> Iterator[BackgroundServer]:
+    with BackgroundServer(server_config(request)) as running:
         yield running
 
 

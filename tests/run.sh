@@ -24,7 +24,7 @@ lint() {
 if [ "$min_deps_only" = 0 ]; then
   python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -r tests/requirements-ci.txt -e '.[diffusion,test]'
+  .venv/bin/python -m pip install -q -r tests/requirements-ci.txt -e '.[diffusion,test,pool]'
   lint .venv
   if [ -f tests/editors/provision.sh ]; then
     bash tests/editors/provision.sh
@@ -39,7 +39,7 @@ echo "run.sh: the suite again, on the lowest allowed versions (tests/constraints
 started=$SECONDS
 python3 -m venv .venv-min
 .venv-min/bin/python -m pip install -q --upgrade pip
-.venv-min/bin/python -m pip install -q -c tests/constraints-min.txt -e '.[diffusion,test]'
+.venv-min/bin/python -m pip install -q -c tests/constraints-min.txt -e '.[diffusion,test,pool]'
 lint .venv-min
 # pytest exits 5 when it collects nothing; set -e fails the script on it, as on any failure.
 .venv-min/bin/python -m pytest -m "not slow and not gpu" \

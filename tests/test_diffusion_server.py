@@ -14,20 +14,20 @@ from genfill_server.engines import default_engines
 
 import tiny_models
 from bad_input.wire import Session, submit_message
-from conftest import brick_image, rect_mask
+from conftest import brick_image, rect_mask, server_config
 
 INPAINT = "tiny-inpaint"
 PLAIN = "tiny-plain"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, request):
     models = tmp_path_factory.mktemp("models")
     tiny_models.tiny_sd15_inpaint(vae_attention=False).save_pretrained(models / INPAINT)
     tiny_models.tiny_sd15(vae_attention=False).save_pretrained(models / PLAIN)
     tiny_models.tiny_sd15_controlnet().save_pretrained(models / "control_v11p_sd15_canny")
     engines = default_engines(model_dirs=[models], hf_cache=False)
-    with BackgroundServer(ServerConfig(write_state_file=False), engines) as running:
+    with BackgroundServer(server_config(request), engines) as running:
         yield running
 
 

@@ -37,6 +37,7 @@ from .engines import EngineSet
 from .errors import RequestError
 from .images import ImageStore
 from .jobs import ClientHandle
+from .pool import PoolConfig, make_runner
 from .scheduler import ClientState, Scheduler
 from .session import ServerSession, SessionContext
 
@@ -65,6 +66,9 @@ class ServerConfig:
     max_outbox_bytes: int | None = 128 * 2**20
     """Bytes of answers that may wait for one client before it is cut off (see
     ``ClientHandle``); one result is always delivered whole. ``None`` disables the limit."""
+    pool: PoolConfig | None = None
+    """Run engines on a Ray Serve pool (``genfill_server.pool``); ``None`` runs them in this
+    process, and Ray is never imported."""
     batching: bool = True
     """Run queued jobs that an engine can batch (same model, size, steps, scheduler, guidance,
     strength) in one engine batch (``run_many``)."""
@@ -112,8 +116,9 @@ class GenfillServer:
         self.token = config.token or secrets.token_urlsafe(32)
         self.limits = config.limits
         self.images = ImageStore(config.limits)
+        runner = None if config.pool is None else make_runner(engines, config.pool)
         self.scheduler = Scheduler(
-            engines, config.devices, batching=config.batching, batch_wait_s=config.batch_wait_s
+            engines, config.devices, batching=config.batching, batch_wait_s=config.batch_wait_s, runner=runner
         )
         self._sessions = SessionContext(engines, self.images, self.scheduler, config.limits)
         self._next_client_id = 0
@@ -162,7 +167,7 @@ class GenfillServer:
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self._allowed_hosts = self._hosts_for(config.host, self.port) | set(config.allowed_hosts)
-        self.engines.load_default()
+        await self.scheduler.runner.start()
         self.scheduler.start()
         if config.write_state_file:
             self._state_path = write_state(
@@ -191,7 +196,7 @@ class GenfillServer:
             )
             await self._server.wait_closed()
         await self.scheduler.stop()
-        self.engines.close()
+        await self.scheduler.runner.close()
         if self._state_path is not None:
             remove_state(self._state_path, self.token)
             self._state_path = None
@@ -225,10 +230,9 @@ class GenfillServer:
             return connection.respond(HTTPStatus.FORBIDDEN, "origin not allowed\n")
         path = request.path.split("?", 1)[0]
         if path == "/v1/health":
-            return self._json(
-                connection,
-                {"status": "ok", "version": __version__, "protocol_version": PROTOCOL_VERSION},
-            )
+            health = {"status": "ok", "version": __version__, "protocol_version": PROTOCOL_VERSION}
+            health.update(self.scheduler.runner.health() or {})
+            return self._json(connection, health)
         if not self._authorized(headers.get("Authorization", "")):
             return connection.respond(HTTPStatus.UNAUTHORIZED, "token missing or wrong\n")
         if path == "/v1/models":

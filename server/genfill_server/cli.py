@@ -56,6 +56,15 @@ def _parser() -> argparse.ArgumentParser:
         help="TOML file of the cloud providers' settings (default $GENFILL_REMOTE_CONFIG, else "
         "~/.config/genfill/remote.toml if it exists); a table with enabled = true switches its provider on",
     )
+    serve.add_argument(
+        "--ray", default=None, metavar="ADDRESS",
+        help="run the engines on a Ray Serve pool: 'auto' starts one on this machine, else a cluster's address",
+    )
+    serve.add_argument("--replicas", type=int, default=1, help="with --ray: replicas per engine and model (default 1)")
+    serve.add_argument(
+        "--max-replicas", type=int, default=None,
+        help="with --ray: autoscale each engine and model between --replicas and this many replicas",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     fill = commands.add_parser("fill", help="fill the selected part of an image")
@@ -146,7 +155,29 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"genfill: {exc}", file=sys.stderr)
         return 2
+    pool = None
+    if args.ray is not None:
+        import importlib.util
+
+        from .pool import PoolConfig
+
+        if importlib.util.find_spec("ray") is None:
+            print("genfill: --ray needs ray[serve]: pip install 'genfill[pool]'", file=sys.stderr)
+            return 2
+
+        autoscaling = None
+        if args.max_replicas is not None:
+            autoscaling = {"min_replicas": args.replicas, "max_replicas": args.max_replicas, "target_ongoing_requests": 2}
+        try:
+            pool = PoolConfig(address=args.ray, replicas=args.replicas, autoscaling=autoscaling)
+        except ValueError as exc:
+            print(f"genfill: {exc}", file=sys.stderr)
+            return 2
+    elif args.max_replicas is not None or args.replicas != 1:
+        print("genfill: --replicas and --max-replicas need --ray", file=sys.stderr)
+        return 2
     config = ServerConfig(
+        pool=pool,
         host=args.host,
         port=args.port,
         token=args.token,

@@ -156,6 +156,12 @@ class FairQueue:
         self._nonempty.set()
         return self.position(job)
 
+    async def wait(self) -> None:
+        """Returns once a job is queued; takes none."""
+        while not self._by_client:
+            self._nonempty.clear()
+            await self._nonempty.wait()
+
     async def get(self) -> Job:
         while not self._by_client:
             self._nonempty.clear()

@@ -36,10 +36,11 @@ from genfill.protocol import (
 )
 
 from .engines import EngineSet
-from .engines.base import DeviceKind, Engine, JobCancelledError, run_batch
+from .engines.base import DeviceKind, Engine, JobCancelledError
 from .errors import RequestError
 from .jobs import ClientHandle, FairQueue, Job
-from .pipeline import PipelineResult, PreparedFill, batch_key, finish_fill, prepare_fill
+from .pipeline import PipelineResult, batch_key
+from .runners import REMOTE_DEVICE, LocalRunner, Outcome, Runner
 
 logger = logging.getLogger("genfill.server")
 
@@ -50,10 +51,6 @@ _FINISHED_BYTES_KEPT = 64 * 2**20
 # A client that sent a message or got a result this recently may be about to submit (an
 # upload comes before its submit, a script submits its next job on the last one's result).
 _RECENTLY_ACTIVE_S = 1.0
-_REMOTE_WORKERS = 4
-"""Remote engines wait on the network, not on a device: this many of their jobs run at once."""
-_CPU_DEVICE = "cpu"
-_REMOTE_DEVICE = "remote"
 
 
 @dataclass
@@ -82,10 +79,20 @@ class Scheduler:
         devices: the accelerator lane's devices, one worker each (``"cpu"`` where there is none).
         batching: run jobs that an engine can batch together (``ServerConfig.batching``).
         batch_wait_s: see ``ServerConfig.batch_wait_s``.
+        runner: where batches run; ``None`` means ``LocalRunner(engines)``, in this process.
     """
 
-    def __init__(self, engines: EngineSet, devices: Iterable[str], *, batching: bool, batch_wait_s: float) -> None:
+    def __init__(
+        self,
+        engines: EngineSet,
+        devices: Iterable[str],
+        *,
+        batching: bool,
+        batch_wait_s: float,
+        runner: Runner | None = None,
+    ) -> None:
         self.engines = engines
+        self.runner: Runner = runner or LocalRunner(engines)
         self.devices = tuple(devices)
         self.batching = batching
         self.batch_wait_s = batch_wait_s
@@ -98,11 +105,10 @@ class Scheduler:
     # Lanes and workers
 
     def start(self) -> None:
-        workers = [(DeviceKind.GPU, device) for device in self.devices]
-        workers.append((DeviceKind.CPU, _CPU_DEVICE))
-        workers += [(DeviceKind.REMOTE, _REMOTE_DEVICE)] * _REMOTE_WORKERS
+        workers = [(kind, device) for kind in DeviceKind for device in self.runner.worker_devices(kind, self.devices)]
+        # A cloud provider's own lane: its workers wait on the network, as the remote lane's do.
         for lane, count in self.engines.own_lanes().items():
-            workers += [(lane, _REMOTE_DEVICE)] * count
+            workers += [(lane, REMOTE_DEVICE)] * count
         for kind, device in workers:
             self._workers.append(asyncio.create_task(self._worker(kind, device), name=f"genfill-worker-{kind}-{device}"))
 
@@ -148,8 +154,9 @@ class Scheduler:
         queue = self.lanes[kind]
         try:
             while True:
-                job = await queue.get()
+                job = await self.runner.next_job(queue)
                 if job.cancel_requested.is_set():
+                    self.runner.release(job)
                     self.finish(job, [Cancelled(job_id=job.job_id).model_dump_json()])
                     continue
                 job.state = "running"
@@ -181,7 +188,7 @@ class Scheduler:
         """``job`` and the queued jobs that can share its engine batch, taken from the queue
         in its fair order; waits up to ``batch_wait_s`` for clients that may submit soon."""
         request = job.request
-        engine = self.engines.loaded(job.engine_name, device, request.model)
+        engine = self.runner.loaded(job.engine_name, device, request.model)
         if engine is None or not engine.capabilities.batching:
             return [job]
         key = self._batch_key(job, engine)
@@ -239,63 +246,35 @@ class Scheduler:
         worker to run while the next batch starts; ``None`` when every job was answered."""
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
-        first = jobs[0]
-        try:
-            # Off the event loop: a first load reads gigabytes and may compile for minutes.
-            engine = await asyncio.to_thread(self.engines.get, first.engine_name, device, first.request.model)
-        except Exception as exc:  # noqa: BLE001 - every engine failure must reach the client as a code
-            for job in jobs:
-                self.finish(job, self._failure_frames(job, exc))
-            return None
 
-        def prepare(job: Job) -> PreparedFill:
-            return prepare_fill(engine, job.request, job.canvas, job.selection, job.seeds, job.references)
+        def fail(job: Job, exc: BaseException) -> None:
+            self.finish(job, self._failure_frames(job, exc))
 
-        if len(jobs) == 1:
-            prepared: list[PreparedFill | BaseException] = []
-            try:
-                prepared.append(await asyncio.to_thread(prepare, first))
-            except Exception as exc:  # noqa: BLE001 - handed to the job below
-                prepared.append(exc)
-        else:
-            prepared = await asyncio.gather(*(asyncio.to_thread(prepare, job) for job in jobs), return_exceptions=True)
-        ready: list[tuple[Job, PreparedFill]] = []
-        for job, item in zip(jobs, prepared, strict=True):
-            if isinstance(item, BaseException):
-                self.finish(job, self._failure_frames(job, item))
-            else:
-                ready.append((job, item))
-        if not ready:
+        on_steps = [self._step_callback(job, loop) for job in jobs]
+        ran = await self.runner.run(jobs, device, on_steps, fail)
+        if not ran:
             return None
-        on_steps = [self._step_callback(job, loop) for job, _ in ready]
-        try:
-            outcomes = await asyncio.to_thread(run_batch, engine, [item.job for _, item in ready], on_steps)
-        except Exception as exc:  # noqa: BLE001 - every engine failure must reach the client as a code
-            outcomes = [exc] * len(ready)
-        for job, _ in ready:
+        for job, _ in ran:
             if job.state == "running":
                 job.state = "answering"
 
-        async def frames_of(job: Job, item: PreparedFill, outcome) -> list[str | bytes]:
+        async def frames_of(job: Job, outcome: Outcome) -> list[str | bytes]:
             if isinstance(outcome, BaseException):
                 return self._failure_frames(job, outcome)
             try:
-                result = await asyncio.to_thread(finish_fill, engine, item, outcome)
+                result = await asyncio.to_thread(outcome)
                 return await self._result_frames(job, result, started)
             except Exception as exc:  # noqa: BLE001
                 return self._failure_frames(job, exc)
 
-        async def answer(job: Job, item: PreparedFill, outcome) -> None:
-            frames = await frames_of(job, item, outcome)
+        async def answer(job: Job, outcome: Outcome) -> None:
+            frames = await frames_of(job, outcome)
             if job.state != "finished":  # a cancelled job was answered at once
                 self.finish(job, frames)
 
         async def answer_all() -> None:
-            done = await asyncio.gather(
-                *(answer(job, item, outcome) for (job, item), outcome in zip(ready, outcomes, strict=True)),
-                return_exceptions=True,
-            )
-            for (job, _), failure in zip(ready, done, strict=True):
+            done = await asyncio.gather(*(answer(job, outcome) for job, outcome in ran), return_exceptions=True)
+            for (job, _), failure in zip(ran, done, strict=True):
                 if isinstance(failure, Exception):
                     logger.error("answering job %s failed", job.job_id, exc_info=failure)
 
@@ -374,10 +353,10 @@ class Scheduler:
                 # What ran out of memory may have left the engine half-built: the next job
                 # loads it afresh.
                 logger.warning("job %s ran out of memory on engine %s", job.job_id, job.engine_name)
-                self.engines.recover(job.engine_name)
+                self.runner.recover(job.engine_name)
             return [Error(code=exc.code, message=exc.message, job_id=job.job_id).model_dump_json()]
         logger.error("job %s failed in engine %s", job.job_id, job.engine_name, exc_info=exc)
-        self.engines.recover(job.engine_name)
+        self.runner.recover(job.engine_name)
         return [
             Error(
                 code=ErrorCode.ENGINE_FAILED, message=f"the {job.engine_name} engine failed on this job", job_id=job.job_id
