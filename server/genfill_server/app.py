@@ -127,6 +127,8 @@ class GenfillServer:
         self._allowed_hosts: set[str] = set()
         self._state_path: Path | None = None
         self.port: int | None = None
+        # The engines and models are fixed for the server's life: every connection gets this hello.
+        self._hello_json = self._hello().model_dump_json()
 
     @property
     def stopping(self) -> bool:
@@ -259,12 +261,11 @@ class GenfillServer:
     # Websocket connections
 
     def _hello(self) -> Hello:
-        catalogue = self.engines.catalogue()
         return Hello(
             server_version=__version__,
             protocol_version=PROTOCOL_VERSION,
             engines=self.engines.engine_infos(),
-            models=catalogue["models"],
+            models=self.engines.model_infos(),
             default_engine=self.engines.default_name,
             limits=self.limits,
             features=[str(feature) for feature in FEATURES],
@@ -282,7 +283,7 @@ class GenfillServer:
         self._clients[handle.client_id] = state
         writer = asyncio.create_task(self._write_loop(websocket, handle))
         try:
-            handle.send(self._hello().model_dump_json())
+            handle.send(self._hello_json)
             async for data in websocket:
                 if not handle.connected:
                     break

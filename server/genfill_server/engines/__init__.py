@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from genfill.protocol import EngineInfo, ErrorCode, FillRequest, Mode, ResultWarning
+from genfill.protocol import EngineInfo, ErrorCode, FillRequest, Mode, ModelInfo, ResultWarning
 
 from ..errors import RequestError
 from ..registry import ModelRegistry
@@ -60,8 +60,11 @@ class EngineSet:
         return {
             "default_engine": self.default_name,
             "engines": [info.model_dump(mode="json") for info in self.engine_infos()],
-            "models": [model.model_dump(mode="json") for spec in self.specs.values() for model in spec.models],
+            "models": [model.model_dump(mode="json") for model in self.model_infos()],
         }
+
+    def model_infos(self) -> list[ModelInfo]:
+        return [model for spec in self.specs.values() for model in spec.models]
 
     def engine_infos(self) -> list[EngineInfo]:
         return [
