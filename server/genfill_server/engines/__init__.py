@@ -105,9 +105,8 @@ class EngineSet:
     def resolve(self, request: FillRequest) -> str:
         """The engine name a request runs on. Raises ``RequestError`` if it cannot run."""
         name = request.engine
-        # Removal prefers learned removal where its weights are installed.
-        if name is None and request.model is None and request.mode is Mode.REMOVE and "lama" in self.specs:
-            name = "lama"
+        if name is None and request.model is None:
+            name = next((spec.name for spec in self.specs.values() if request.mode in spec.preferred_for), None)
         if name is None and request.model is not None:
             wanted = {control.type for control in request.control} | {
                 r.control_type for r in request.references if r.control_type is not None

@@ -50,6 +50,8 @@ def lama(context: ProviderContext) -> Iterator[EngineSpec]:
             factory=lambda device, model: LamaEngine(weights, device=device),
             capabilities=LamaEngine.capabilities,
             description=f"LaMa learned object removal ({weights.name}); no prompt",
+            # Learned removal beats a copy-based fill wherever its weights are installed.
+            preferred_for=frozenset({Mode.REMOVE}),
         )
 
 

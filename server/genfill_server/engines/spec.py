@@ -7,7 +7,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from genfill.protocol import ModelInfo
+from genfill.protocol import Mode, ModelInfo
 
 from ..registry import ModelRegistry
 from .base import Engine, EngineCapabilities
@@ -29,6 +29,8 @@ class EngineSpec:
             A number: they wait in a lane of their own with that many workers (its provider's
             limit), so a provider that is slow or at its limit never holds up another
             engine's jobs. Other device kinds always use their kind's lane.
+        preferred_for: modes this engine serves when a request names neither engine nor model
+            (ahead of the server's default engine).
     """
 
     name: str
@@ -39,6 +41,7 @@ class EngineSpec:
     model_capabilities: Mapping[str, EngineCapabilities] = field(default_factory=dict)
     needs_model: bool = False
     lane_workers: int | None = None
+    preferred_for: frozenset[Mode] = frozenset()
 
     def capabilities_for(self, model: str | None) -> EngineCapabilities:
         return self.model_capabilities.get(model, self.capabilities) if model is not None else self.capabilities
