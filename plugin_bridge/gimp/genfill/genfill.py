@@ -175,6 +175,17 @@ def _run(procedure, run_mode, image, drawables, config, data):
     mode = "expand" if is_expand else (config.get_property("mode") or "fill")
     try:
         options = _options(config, mode)
+    except Exception as exc:  # noqa: BLE001 - GIMP must get a message, not a crash
+        return _failed(procedure, exc, interactive=False)
+    return _fill_with_progress(procedure, document, options, settings, interactive=False)
+
+
+def _fill_with_progress(procedure, document, options, settings, *, interactive: bool, before=None):
+    """Fills ``document`` without a dialog, progress in GIMP's bar, and keeps the result's
+    parameters on its layer; ``before`` (if any) runs first, inside the same error handling."""
+    try:
+        if before is not None:
+            before()
         Gimp.progress_init("Generative fill: connecting to the genfill server")
         prepared = gb.prepare(document, options)
         result = gb.run(prepared, settings, on_event=_show_progress)
@@ -183,7 +194,7 @@ def _run(procedure, run_mode, image, drawables, config, data):
     except gb.JobCancelled:
         return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
     except Exception as exc:  # noqa: BLE001 - GIMP must get a message, not a crash
-        return _failed(procedure, exc, interactive=False)
+        return _failed(procedure, exc, interactive=interactive)
     finally:
         Gimp.progress_end()
     _done(name, result)
@@ -434,22 +445,15 @@ def _run_again(procedure, run_mode, image, drawables, config, data):
         options = dataclasses.replace(options, source="visible")
     settings = gb.ServerSettings(url=config.get_property("server-url") or "", token=config.get_property("server-token") or "")
     document = GimpDocument(image, source, above=_top_of(layer))
-    try:
+
+    def select_the_kept_box():
         if document.selection_bounds() is None:
             image.select_rectangle(Gimp.ChannelOps.REPLACE, *record.box)
-        Gimp.progress_init("Generative fill: connecting to the genfill server")
-        prepared = gb.prepare(document, options)
-        result = gb.run(prepared, settings, on_event=_show_progress)
-        name = gb.apply(document, prepared, result)
-        keep_parameters(document, prepared, result)
-    except gb.JobCancelled:
-        return procedure.new_return_values(Gimp.PDBStatusType.CANCEL, GLib.Error())
-    except Exception as exc:  # noqa: BLE001 - GIMP must get a message, not a crash
-        return _failed(procedure, exc, interactive=run_mode == Gimp.RunMode.INTERACTIVE)
-    finally:
-        Gimp.progress_end()
-    _done(name, result)
-    return procedure.new_return_values(Gimp.PDBStatusType.SUCCESS, GLib.Error())
+
+    return _fill_with_progress(
+        procedure, document, options, settings,
+        interactive=run_mode == Gimp.RunMode.INTERACTIVE, before=select_the_kept_box,
+    )
 
 
 if __name__ == "__main__":
