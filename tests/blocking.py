@@ -10,12 +10,14 @@ from genfill.aio import AsyncJob
 
 
 class Loop:
+    """An event loop on a thread of its own, for driving coroutines from blocking test code."""
+
     def __init__(self) -> None:
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
 
-    def run(self, coroutine, timeout_s: float = 60):
+    def run(self, coroutine, timeout_s: float = 120):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
 
     def close(self) -> None:

@@ -7,9 +7,7 @@ thread, so each scenario exercises both transports.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -20,6 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from genfill import AsyncClient, Client  # noqa: E402
 from genfill_server.app import ServerConfig  # noqa: E402
 from genfill_server.background import BackgroundServer  # noqa: E402
+
+from blocking import Loop  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -62,25 +62,10 @@ def server(request) -> Iterator[BackgroundServer]:
         yield running
 
 
-class _LoopThread:
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-
-    def run(self, coroutine, timeout_s: float = 120):
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join()
-        self.loop.close()
-
-
 class BlockingJob:
     """An ``AsyncJob`` driven from test code as if it were a ``Job``."""
 
-    def __init__(self, runner: _LoopThread, job) -> None:
+    def __init__(self, runner: Loop, job) -> None:
         self._runner = runner
         self._job = job
         self.job_id = job.job_id
@@ -108,7 +93,7 @@ class BlockingAsyncClient:
     kind = "async"
 
     def __init__(self, url: str, token: str | None) -> None:
-        self._runner = _LoopThread()
+        self._runner = Loop()
         self.client = AsyncClient(url, token=token)
 
     def __enter__(self):
