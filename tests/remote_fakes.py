@@ -507,6 +507,25 @@ def assert_outside_unchanged(result, canvas: np.ndarray, selection: np.ndarray) 
 CLOUD_MODELS = {"openai": "gpt-image-1", "bfl": "flux-pro-1.0-fill", "imagen": "imagen-3.0-capability-001"}
 
 
+def provider_engines(module, key: str, **table):
+    """The engines of a server with classic and one cloud provider (``module``: one of
+    ``engines.remote.openai``, ``bfl``, ``imagen``), its key read from an environment variable
+    as a user's would be; ``table`` is the provider's settings."""
+    from genfill_server.engines import default_engines, providers
+
+    name = module.NAME
+    variable = f"GENFILL_TEST_{name.upper()}_KEY"
+    os.environ[variable] = key
+    try:
+        return default_engines(
+            hf_cache=False,
+            providers={"classic": providers.classic, name: module.provide},
+            remote={name: {"api_key_env": variable, **table}},
+        )
+    finally:
+        del os.environ[variable]
+
+
 @contextlib.contextmanager
 def cloud_server(keys: dict[str, str]):
     """A ``BackgroundServer`` whose cloud engines (``openai``, ``bfl``, ``imagen``) each talk

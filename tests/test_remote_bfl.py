@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -19,7 +18,6 @@ from genfill import JobCancelled, JobFailed, fill
 from genfill.protocol import ErrorCode, Mode
 from genfill_server.app import ServerConfig
 from genfill_server.background import BackgroundServer
-from genfill_server.engines import default_engines, providers
 from genfill_server.engines.base import EngineError, JobCancelledError
 from genfill_server.engines.remote import bfl
 
@@ -30,6 +28,7 @@ from remote_fakes import (
     closed_port,
     decode_png,
     photo,
+    provider_engines,
     run_engine,
     selection_of,
     wait_until,
@@ -62,15 +61,7 @@ def engine_for(fake, limit: int = 2, **table) -> bfl.BFLEngine:
 
 @pytest.fixture(scope="module")
 def server(fake):
-    os.environ["GENFILL_TEST_BFL_KEY"] = KEY
-    try:
-        engines = default_engines(
-            hf_cache=False,
-            providers={"classic": providers.classic, "bfl": bfl.provide},
-            remote={"bfl": {"base_url": fake.url, "api_key_env": "GENFILL_TEST_BFL_KEY", **FAST}},
-        )
-    finally:
-        del os.environ["GENFILL_TEST_BFL_KEY"]
+    engines = provider_engines(bfl, KEY, base_url=fake.url, **FAST)
     with BackgroundServer(ServerConfig(write_state_file=False), engines) as running:
         yield running
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import threading
 import time
 
@@ -16,7 +15,6 @@ from genfill import JobCancelled, JobFailed, LimitExceeded, fill
 from genfill.protocol import ErrorCode, Mode
 from genfill_server.app import ServerConfig
 from genfill_server.background import BackgroundServer
-from genfill_server.engines import default_engines, providers
 from genfill_server.engines.base import EngineError, JobCancelledError
 from genfill_server.engines.remote import imagen
 
@@ -27,6 +25,7 @@ from remote_fakes import (
     closed_port,
     decode_png,
     photo,
+    provider_engines,
     run_engine,
     selection_of,
     wait_until,
@@ -58,15 +57,7 @@ def engine_for(fake, limit: int = 2, **table) -> imagen.ImagenEngine:
 
 @pytest.fixture(scope="module")
 def server(fake):
-    os.environ["GENFILL_TEST_IMAGEN_TOKEN"] = TOKEN
-    try:
-        engines = default_engines(
-            hf_cache=False,
-            providers={"classic": providers.classic, "imagen": imagen.provide},
-            remote={"imagen": {"base_url": fake.url, "api_key_env": "GENFILL_TEST_IMAGEN_TOKEN", **FAST}},
-        )
-    finally:
-        del os.environ["GENFILL_TEST_IMAGEN_TOKEN"]
+    engines = provider_engines(imagen, TOKEN, base_url=fake.url, **FAST)
     with BackgroundServer(ServerConfig(write_state_file=False), engines) as running:
         yield running
 

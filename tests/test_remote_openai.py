@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import threading
 import time
@@ -31,6 +30,7 @@ from remote_fakes import (
     error,
     openai_sse,
     photo,
+    provider_engines,
     run_engine,
     selection_of,
     wait_until,
@@ -63,15 +63,7 @@ def engine_for(fake, limit: int = 2, **table) -> openai.OpenAIEngine:
 
 
 def engines_for(url: str, **table):
-    os.environ["GENFILL_TEST_OPENAI_KEY"] = KEY
-    try:
-        return default_engines(
-            hf_cache=False,
-            providers={"classic": providers.classic, "openai": openai.provide},
-            remote={"openai": {"base_url": url, "api_key_env": "GENFILL_TEST_OPENAI_KEY", **FAST, **table}},
-        )
-    finally:
-        del os.environ["GENFILL_TEST_OPENAI_KEY"]
+    return provider_engines(openai, KEY, base_url=url, **FAST, **table)
 
 
 @pytest.fixture(scope="module")
