@@ -99,8 +99,11 @@ class EngineSet:
 
     def own_lanes(self) -> dict[str, int]:
         """The remote engines' own lanes and their worker counts."""
-        lanes = {self.lane_of(name): spec.lane_workers for name, spec in self.specs.items() if spec.lane_workers}
-        return {lane: count for lane, count in lanes.items() if ":" in lane}
+        return {
+            self.lane_of(name): spec.lane_workers
+            for name, spec in self.specs.items()
+            if spec.lane_workers and spec.capabilities.device_kind is DeviceKind.REMOTE
+        }
 
     def resolve(self, request: FillRequest) -> str:
         """The engine name a request runs on. Raises ``RequestError`` if it cannot run."""
