@@ -292,7 +292,14 @@ def test_the_ingress_outlives_the_pool_and_says_so(pool):
 
 
 @pytest.mark.parametrize(
-    "argv", [["serve", "--replicas", "2"], ["serve", "--max-replicas", "4"], ["serve", "--ray", "auto", "--replicas", "0"]]
+    "argv",
+    [
+        ["serve", "--replicas", "2"],
+        ["serve", "--max-replicas", "4"],
+        ["serve", "--models-per-replica", "2"],
+        ["serve", "--ray", "auto", "--replicas", "0"],
+        ["serve", "--ray", "auto", "--models-per-replica", "0"],
+    ],
 )
 def test_pool_options_are_checked_before_anything_starts(argv, capsys):
     from genfill_server.cli import main

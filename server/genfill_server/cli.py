@@ -65,6 +65,11 @@ def _parser() -> argparse.ArgumentParser:
         "--max-replicas", type=int, default=None,
         help="with --ray: autoscale each engine and model between --replicas and this many replicas",
     )
+    serve.add_argument(
+        "--models-per-replica", type=int, default=None, metavar="N",
+        help="with --ray: one deployment per engine whose replicas each keep up to N of its models "
+        "loaded, evicting the least recently used (for many checkpoints on few GPUs)",
+    )
     serve.add_argument("--log-level", default="INFO")
 
     fill = commands.add_parser("fill", help="fill the selected part of an image")
@@ -169,12 +174,14 @@ def _serve(args: argparse.Namespace) -> int:
         if args.max_replicas is not None:
             autoscaling = {"min_replicas": args.replicas, "max_replicas": args.max_replicas, "target_ongoing_requests": 2}
         try:
-            pool = PoolConfig(address=args.ray, replicas=args.replicas, autoscaling=autoscaling)
+            pool = PoolConfig(
+                address=args.ray, replicas=args.replicas, autoscaling=autoscaling, models_per_replica=args.models_per_replica
+            )
         except ValueError as exc:
             print(f"genfill: {exc}", file=sys.stderr)
             return 2
-    elif args.max_replicas is not None or args.replicas != 1:
-        print("genfill: --replicas and --max-replicas need --ray", file=sys.stderr)
+    elif args.max_replicas is not None or args.replicas != 1 or args.models_per_replica is not None:
+        print("genfill: --replicas, --max-replicas and --models-per-replica need --ray", file=sys.stderr)
         return 2
     config = ServerConfig(
         pool=pool,

@@ -6,8 +6,9 @@ path changes: ``RayRunner`` is a ``runners.Runner`` that sends each job to a Ser
 through its ``DeploymentHandle`` instead of loading the engine here.
 
 - One deployment (and one Serve application) per (engine, model), created on the first job
-  for it: ``num_replicas`` replicas or an ``autoscaling_config``, a GPU each on machines with
-  GPUs (``ray_actor_options={"num_gpus": 1}``), none on CPU-only clusters.
+  for it, or with ``models_per_replica`` one per engine whose replicas multiplex its models:
+  ``num_replicas`` replicas or an ``autoscaling_config``, a GPU each on machines with GPUs
+  (``ray_actor_options={"num_gpus": 1}``), none on CPU-only clusters.
 - A replica runs what ``LocalRunner`` runs, the same code on the same inputs: results are
   bit-identical to the single-process server's for the same request and seed.
 - Batching happens on the replica (``@serve.batch``): jobs that arrive within
@@ -61,6 +62,11 @@ class PoolConfig:
             ``object_store_memory``...).
         object_cache_bytes: bytes of images the ingress keeps in the object store; ``None``
             disables the limit.
+        models_per_replica: ``None``: one deployment per (engine, model). A number: one
+            deployment per engine that holds models, whose replicas each keep up to that many
+            of its models loaded and evict the least recently used (``@serve.multiplexed``);
+            Serve sends a model's jobs to a replica that holds it until that replica has a
+            batch in hand, then loads the model on another. For many checkpoints on few GPUs.
         deploy_timeout_s: how long a job waits for its deployment's replicas to start (they
             load the model first) before it is answered ``engine_unavailable``; the deployment
             goes on starting for the next job. A cluster without room for the replicas (CPUs,
@@ -77,6 +83,7 @@ class PoolConfig:
     in_flight: int = 8
     init_options: dict = field(default_factory=dict)
     object_cache_bytes: int | None = 256 * 2**20
+    models_per_replica: int | None = None
     deploy_timeout_s: float = 600.0
 
     def __post_init__(self) -> None:
@@ -86,6 +93,8 @@ class PoolConfig:
             raise ValueError(f"in_flight must be at least 1, not {self.in_flight}")
         if self.max_batch_images < 1:
             raise ValueError(f"max_batch_images must be at least 1, not {self.max_batch_images}")
+        if self.models_per_replica is not None and self.models_per_replica < 1:
+            raise ValueError(f"models_per_replica must be at least 1, not {self.models_per_replica}")
 
 
 def make_runner(engines: EngineSet, config: PoolConfig) -> RayRunner:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import hashlib
 import logging
 import re
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -40,6 +41,8 @@ _CANCEL_POLL_S = 0.02
 _PROBE_EVERY_S = 2.0
 _PROBE_TIMEOUT_S = 10.0
 _APP_PREFIX = "genfill-"
+_DEFAULT_MODEL = "default"
+"""The multiplexed model id of a request that names no model (the engine's default)."""
 
 
 class PoolUnavailable(RequestError):
@@ -71,6 +74,9 @@ class _Item:
     steps: int = 0
     """Steps the engine reported for this job."""
 
+    def started(self, replica: str) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, ("started", replica))
+
     def on_step(self, step: int, total: int, preview: np.ndarray | None) -> None:
         self.steps = step
         if self.cancel.is_set():
@@ -87,35 +93,130 @@ def _images_of(item: _Item) -> int:
     return len(item.payload["seeds"])
 
 
-class EngineReplica:
-    """A Serve replica of one (engine, model): the engine, loaded once, and the batcher."""
+class _LoadedEngine:
+    """One engine a replica holds. After a failure that may have left it half-built (see
+    ``Scheduler._failure_frames``) it is built again before its next batch. Serve calls
+    ``__del__`` when a multiplexing replica evicts it: it is closed then, which frees its
+    memory, or once the batches still running on it end."""
 
-    def __init__(self, spec, model: str | None, max_batch_images: int, batch_wait_s: float) -> None:
-        gpus = ray.get_gpu_ids()
-        device = "cuda" if gpus and spec.capabilities.device_kind is DeviceKind.GPU else "cpu"
-        self.spec, self.model, self.device = spec, model, device
-        self.engine: Engine = self._load()
+    def __init__(self, spec, device: str, model: str | None) -> None:
+        self.spec, self.device, self.model = spec, device, model
+        self.on_close: Callable[[_LoadedEngine], None] | None = None
+        self._closed = True  # until it has loaded: nothing to close
+        self._users = 0
+        self._evicted = False
+        self._lock = threading.Lock()
+        self.engine = self._load()
         self.broken = False
-        limit = max_batch_images
-        if self.engine.capabilities.batching:
-            limit = min(limit, self.engine.capabilities.max_batch_images)
-        self._batched.set_max_batch_size(max(1, limit))
-        self._batched.set_batch_wait_timeout_s(batch_wait_s)
+        self._closed = False
 
     def _load(self) -> Engine:
         engine = self.spec.factory(self.device, self.model)
         engine.load()
         return engine
 
-    def replica_name(self) -> str:
-        return ray.get_runtime_context().get_actor_name() or ""
+    @contextlib.contextmanager
+    def using(self) -> Iterator[Engine]:
+        """The engine, ready to run a batch, and not closed until the batch is done."""
+        with self._lock:
+            self._users += 1
+        try:
+            if self.broken:
+                with contextlib.suppress(Exception):
+                    self.engine.close()
+                self.engine = self._load()
+                self.broken = False
+            yield self.engine
+        finally:
+            with self._lock:
+                self._users -= 1
+                close = self._evicted and self._users == 0
+            if close:
+                self._close()
+
+    def __del__(self) -> None:
+        lock = getattr(self, "_lock", None)
+        if lock is None:
+            return
+        with lock:
+            self._evicted = True
+            close = self._users == 0
+        if close:
+            self._close()
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        with contextlib.suppress(Exception):
+            self.engine.close()
+        if self.on_close is not None:
+            self.on_close(self)
+
+
+def _model_id(model: str | None) -> str:
+    """The multiplexed model id of ``model``: Serve's ids are non-empty strings."""
+    return model if model is not None else _DEFAULT_MODEL
+
+
+class EngineReplica:
+    """A Serve replica of one engine: of one model loaded once, or, with
+    ``models_per_replica``, of up to that many models loaded on demand and evicted least
+    recently used first (``@serve.multiplexed``); and the batcher."""
+
+    def __init__(
+        self, spec, model: str | None, max_batch_images: int, batch_wait_s: float, models_per_replica: int | None = None
+    ) -> None:
+        gpus = ray.get_gpu_ids()
+        self._name = ray.get_runtime_context().get_actor_name() or ""
+        self.spec = spec
+        self.device = "cuda" if gpus and spec.capabilities.device_kind is DeviceKind.GPU else "cpu"
+        self._held: OrderedDict[str, _LoadedEngine] = OrderedDict()
+        """The models this replica holds, least recently used first."""
+        if models_per_replica is None:
+            fixed = _LoadedEngine(spec, self.device, model)
+            capabilities = fixed.engine.capabilities
+
+            async def engine_for(model_id: str) -> _LoadedEngine:
+                return fixed
+        else:
+            capabilities = spec.capabilities
+
+            async def load(model_id: str) -> _LoadedEngine:
+                model = None if model_id == _DEFAULT_MODEL else model_id
+                loaded = await asyncio.to_thread(_LoadedEngine, spec, self.device, model)
+                loaded.on_close = functools.partial(self._forget, model_id)
+                self._held[model_id] = loaded
+                return loaded
+
+            # Applied here, not on the class, because the limit is the pool's setting;
+            # Serve finds a multiplexed loader on the instance too.
+            engine_for = serve.multiplexed(max_num_models_per_replica=models_per_replica)(load)
+        self._engine_for = engine_for
+        limit = max_batch_images
+        if capabilities.batching:
+            limit = min(limit, capabilities.max_batch_images)
+        self._batched.set_max_batch_size(max(1, limit))
+        self._batched.set_batch_wait_timeout_s(batch_wait_s)
+
+
+    def _forget(self, model_id: str, loaded: _LoadedEngine) -> None:
+        # A model evicted while in use closes late, perhaps after it was loaded again.
+        if self._held.get(model_id) is loaded:
+            del self._held[model_id]
+
+    def loaded_models(self) -> list[str | None]:
+        """The models this multiplexing replica holds, least recently used first."""
+        return [None if model_id == _DEFAULT_MODEL else model_id for model_id in self._held]
 
     async def fill(self, payload: dict):
-        """Streams ``("started", replica)``, ``("progress", step, total, preview)``... and
-        one last ``("result", box, layers, batch_images)``, ``("error", code, message)``,
-        ``("cancelled", steps)`` or ``("failed",)``; ``batch_images`` counts the images of the
-        engine batch the job ran in, ``steps`` those it ran before it stopped."""
-        yield ("started", self.replica_name())
+        """Streams ``("started", replica)`` once the job's batch begins (a job that waits for
+        the batch before it has not started: if the replica dies, it can go to another one),
+        ``("progress", step, total, preview)``... and one last ``("result", box, layers,
+        batch_images)``, ``("error", code, message)``, ``("cancelled", steps)`` or
+        ``("failed",)``; ``batch_images`` counts the images of the engine batch the job ran
+        in, ``steps`` those it ran before it stopped."""
         item = _Item(payload, asyncio.Queue(), asyncio.get_running_loop())
         running = asyncio.ensure_future(self._batched(item))
         getter: asyncio.Future | None = None
@@ -141,16 +242,33 @@ class EngineReplica:
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05, batch_size_fn=lambda items: sum(map(_images_of, items)))
     async def _batched(self, items: list[_Item]) -> list[tuple]:
-        return await asyncio.to_thread(self._run_items, items)
+        # Serve splits a batch by multiplexed model id; grouping here too keeps a batch of
+        # one model whatever the caller set.
+        by_model: dict[str | None, list[int]] = {}
+        for index, item in enumerate(items):
+            by_model.setdefault(item.payload["request"].model, []).append(index)
+        answers: list[tuple | None] = [None] * len(items)
+        for model, indices in by_model.items():
+            group = [items[i] for i in indices]
+            try:
+                loaded = await self._engine_for(_model_id(model))
+            except Exception as exc:  # noqa: BLE001 - answered per job
+                outcomes = [self._failure(exc, item, None) for item in group]
+            else:
+                if _model_id(model) in self._held:
+                    self._held.move_to_end(_model_id(model))
+                outcomes = await asyncio.to_thread(self._run_items, loaded, group)
+            for index, outcome in zip(indices, outcomes, strict=True):
+                answers[index] = outcome
+        return answers  # type: ignore[return-value]
 
-    def _run_items(self, items: list[_Item]) -> list[tuple]:
-        if self.broken:
-            # What failed may have left the engine half-built (see Scheduler._failure_frames).
-            with contextlib.suppress(Exception):
-                self.engine.close()
-            self.engine = self._load()
-            self.broken = False
-        engine = self.engine
+    def _run_items(self, loaded: _LoadedEngine, items: list[_Item]) -> list[tuple]:
+        for item in items:
+            item.started(self._name)
+        with loaded.using() as engine:
+            return self._run_on(engine, loaded, items)
+
+    def _run_on(self, engine: Engine, loaded: _LoadedEngine, items: list[_Item]) -> list[tuple]:
         answers: list[tuple | None] = [None] * len(items)
         prepared = {}
         for index, item in enumerate(items):
@@ -167,7 +285,7 @@ class EngineReplica:
                     engine, payload["request"], np.array(canvas), np.array(selection), payload["seeds"], references
                 )
             except Exception as exc:  # noqa: BLE001 - answered per job
-                answers[index] = self._failure(exc, items[index])
+                answers[index] = self._failure(exc, items[index], loaded)
         groups: dict[object, list[int]] = {}
         for index in prepared:
             key = batch_key(engine, items[index].payload["request"], prepared[index].job.selection)
@@ -185,18 +303,21 @@ class EngineReplica:
                     result = finish_fill(engine, prepared[index], outcome)
                     answers[index] = ("result", tuple(result.box), result.layers, images)
                 except Exception as exc:  # noqa: BLE001
-                    answers[index] = self._failure(exc, items[index])
+                    answers[index] = self._failure(exc, items[index], loaded)
         return answers  # type: ignore[return-value]
 
-    def _failure(self, exc: BaseException, item: _Item) -> tuple:
+    def _failure(self, exc: BaseException, item: _Item, loaded: _LoadedEngine | None) -> tuple:
+        """The answer to a job that failed with ``exc``; ``loaded`` is the engine it ran on
+        (``None``: its model did not load)."""
         if isinstance(exc, JobCancelledError):
             return ("cancelled", item.steps)
         if isinstance(exc, RequestError):
-            if exc.code == ErrorCode.OUT_OF_MEMORY:
-                self.broken = True
+            if exc.code == ErrorCode.OUT_OF_MEMORY and loaded is not None:
+                loaded.broken = True
             return ("error", str(exc.code), exc.message)
         logger.error("a job failed in engine %s", self.spec.name, exc_info=exc)
-        self.broken = True
+        if loaded is not None:
+            loaded.broken = True
         return ("failed",)
 
 
@@ -251,9 +372,17 @@ class ObjectCache:
             self._bytes = 0
 
 
-def app_name(engine: str, model: str | None) -> str:
-    """The Serve application (and deployment) of one (engine, model)."""
-    model_part = re.sub(r"[^A-Za-z0-9_.-]+", "_", model) if model else "default"
+_MULTIPLEXED = object()
+"""The model part of the deployment key of an engine whose replicas multiplex models."""
+
+
+def app_name(engine: str, model: object) -> str:
+    """The Serve application (and deployment) of one (engine, model), or of an engine whose
+    replicas multiplex its models (``model`` is ``_MULTIPLEXED``)."""
+    if model is _MULTIPLEXED:
+        model_part = "multiplexed"
+    else:
+        model_part = re.sub(r"[^A-Za-z0-9_.-]+", "_", model) if isinstance(model, str) and model else "default"
     return f"{_APP_PREFIX}{engine}-{model_part}"
 
 
@@ -274,8 +403,10 @@ class RayRunner:
         """The replica (Ray actor name) each running job was last seen on, by job id."""
         self.recent: deque[RanJob] = deque(maxlen=256)
         """The last jobs that ended on a replica, oldest first."""
-        self._handles: dict[tuple[str, str | None], concurrent.futures.Future] = {}
-        self._taken: dict[tuple[str, str | None], set[Job]] = {}
+        self.resent = 0
+        """Jobs sent again because their replica went away before they started on it."""
+        self._handles: dict[tuple[str, object], concurrent.futures.Future] = {}
+        self._taken: dict[tuple[str, object], set[Job]] = {}
         """Jobs taken from the fair queue and not yet ended, by deployment."""
         self._room: asyncio.Event | None = None
         self._lock = threading.Lock()
@@ -291,19 +422,30 @@ class RayRunner:
     def loaded(self, name: str, device: str, model: str | None) -> Engine | None:
         return None  # batches form on the replicas, across every ingress worker's jobs
 
+    def deployment_of(self, engine: str, model: str | None) -> tuple[str, object]:
+        """The key of the deployment that runs ``engine`` with ``model``: one per (engine,
+        model), or one per engine where its replicas multiplex models."""
+        if self.config.models_per_replica is not None and self.engines.specs[engine].needs_model:
+            return (engine, _MULTIPLEXED)
+        return (engine, model)
+
     def room(self, engine: str, model: str | None) -> int:
         """Jobs a deployment is given at once: one a replica, or a batch a replica for an
         engine that batches. Jobs past that wait in the fair queue, not in Ray's, so that
         clients keep taking turns."""
         config = self.config
         replicas = config.replicas if config.autoscaling is None else int(config.autoscaling.get("max_replicas", 1))
-        capabilities = self.engines.specs[engine].capabilities_for(model)
-        batch = min(config.max_batch_images, capabilities.max_batch_images) if capabilities.batching else 1
-        return max(1, replicas * batch)
+        return max(1, replicas * self._batch_of(engine, *self.deployment_of(engine, model)[1:]))
+
+    def _batch_of(self, engine: str, model: object) -> int:
+        """Images one replica of the deployment for ``engine`` and ``model`` batches."""
+        spec = self.engines.specs[engine]
+        capabilities = spec.capabilities_for(model) if isinstance(model, str) else spec.capabilities
+        return min(self.config.max_batch_images, capabilities.max_batch_images) if capabilities.batching else 1
 
     def _has_room(self, job: Job) -> bool:
-        key = (job.engine_name, job.request.model)
-        return len(self._taken.get(key, ())) < self.room(*key)
+        key = self.deployment_of(job.engine_name, job.request.model)
+        return len(self._taken.get(key, ())) < self.room(job.engine_name, job.request.model)
 
     async def next_job(self, queue: FairQueue) -> Job:
         if self._room is None:
@@ -313,7 +455,7 @@ class RayRunner:
             taken = queue.take(self._has_room, 1)
             if taken:
                 job = taken[0]
-                self._taken.setdefault((job.engine_name, job.request.model), set()).add(job)
+                self._taken.setdefault(self.deployment_of(job.engine_name, job.request.model), set()).add(job)
                 return job
             self._room.clear()
             with contextlib.suppress(TimeoutError):
@@ -322,7 +464,7 @@ class RayRunner:
                 await asyncio.wait_for(self._room.wait(), 0.05)
 
     def release(self, job: Job) -> None:
-        self._taken.get((job.engine_name, job.request.model), set()).discard(job)
+        self._taken.get(self.deployment_of(job.engine_name, job.request.model), set()).discard(job)
         if self._room is not None:
             self._room.set()
 
@@ -366,7 +508,9 @@ class RayRunner:
     def _disconnect(self) -> None:
         self.objects.clear()
         with self._lock:
-            names = [app_name(*key) for key, deploying in self._handles.items() if deploying.done()]
+            # Deployments still starting too: one that can never start would wait on the
+            # cluster for ever.
+            names = [app_name(*key) for key in self._handles]
             self._handles.clear()
         if not ray.is_initialized():
             return
@@ -405,7 +549,9 @@ class RayRunner:
         return {"status": "ok", "address": self.config.address, "deployments": deployments}
 
     async def _handle(self, engine: str, model: str | None):
-        key = (engine, model)
+        """The handle of the deployment that runs ``engine`` with ``model``, deployed on the
+        first call for it; with the model's multiplexed id set where its replicas multiplex."""
+        key = self.deployment_of(engine, model)
         with self._lock:
             deploying = self._handles.get(key)
             if deploying is None:
@@ -413,17 +559,21 @@ class RayRunner:
                 # on a cluster without room for them.
                 deploying = self._handles[key] = concurrent.futures.Future()
                 threading.Thread(
-                    target=self._deploy_into, args=(deploying, engine, model), name=f"genfill-deploy-{engine}", daemon=True
+                    target=self._deploy_into, args=(deploying, *key), name=f"genfill-deploy-{engine}", daemon=True
                 ).start()
         try:
-            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(deploying)), self.config.deploy_timeout_s)
+            handle = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(deploying)), self.config.deploy_timeout_s)
         except TimeoutError:
             raise PoolUnavailable(
                 f"the {engine} engine's replicas did not start within {self.config.deploy_timeout_s:g} s: "
                 "the pool may lack the CPUs or GPUs they need"
             ) from None
+        if key[1] is _MULTIPLEXED:
+            # Serve routes each model's jobs to a replica that holds it, where one does.
+            return handle.options(multiplexed_model_id=_model_id(model))
+        return handle
 
-    def _deploy_into(self, future: concurrent.futures.Future, engine: str, model: str | None) -> None:
+    def _deploy_into(self, future: concurrent.futures.Future, engine: str, model: object) -> None:
         try:
             future.set_result(self._deploy(engine, model))
         except BaseException as exc:  # noqa: BLE001 - handed to every job waiting for it
@@ -432,7 +582,7 @@ class RayRunner:
                     del self._handles[(engine, model)]  # the next job tries again
             future.set_exception(exc)
 
-    def _deploy(self, engine: str, model: str | None):
+    def _deploy(self, engine: str, model: object):
         config = self.config
         spec = self.engines.specs[engine]
         num_gpus = 0.0
@@ -442,15 +592,28 @@ class RayRunner:
         scale: dict = (
             {"autoscaling_config": config.autoscaling} if config.autoscaling is not None else {"num_replicas": config.replicas}
         )
+        multiplexed = model is _MULTIPLEXED
+        # Serve sends a model's jobs to a replica that holds it until that replica is full, and
+        # only then loads the model on another: a multiplexed replica is full at one batch, so
+        # a busy model spreads over the replicas instead of queueing on one.
+        ongoing = self._batch_of(engine, model) if multiplexed else max(2 * config.max_batch_images, config.in_flight)
         deployment = serve.deployment(EngineReplica).options(
             name=name,
             ray_actor_options={"num_gpus": num_gpus, "num_cpus": config.num_cpus},
-            max_ongoing_requests=max(2 * config.max_batch_images, config.in_flight),
+            max_ongoing_requests=ongoing,
             **scale,
         )
         logger.info("deploying %s (%s) on the Ray pool", name, scale)
         return serve.run(
-            deployment.bind(spec, model, config.max_batch_images, config.batch_wait_s), name=name, route_prefix=None
+            deployment.bind(
+                spec,
+                None if multiplexed else model,
+                config.max_batch_images,
+                config.batch_wait_s,
+                config.models_per_replica if multiplexed else None,
+            ),
+            name=name,
+            route_prefix=None,
         )
 
     # Running
@@ -481,6 +644,7 @@ class RayRunner:
                     if attempt == 1:
                         return ReplicaFailed(f"the {job.engine_name} engine's replicas stopped before the job started")
                     logger.warning("job %s: the replica went away before it started; sending it again", job.job_id, exc_info=exc.__cause__)
+                    self.resent += 1
         finally:
             self.replica_of.pop(job.job_id, None)
         raise AssertionError("unreachable")  # pragma: no cover
