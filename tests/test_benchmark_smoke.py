@@ -46,9 +46,10 @@ def test_both_sides_run_the_same_work(smoke):
     for name in ("sd15_512", "sdxl_1024", "sd15_controlnet_512"):
         entry = results["workloads"][name]
         # Same steps on both sides (with CFG in one batch, one UNet call a step), same size.
-        assert entry["unet_calls_plain"] == entry["unet_calls_genfill"] == 2, (name, entry)
+        assert entry["unet_calls_plain"] == entry["unet_calls_peer"] == entry["unet_calls_genfill"] == 2, (name, entry)
         assert entry["work_px_genfill"] == [64, 64]
-        for key in ("plain_diffusers_s", "genfill_e2e_s", "genfill_engine_s"):
+        assert entry["unet_class_peer"] == "OptimizedModule", (name, entry)  # torch.compile's wrapper
+        for key in ("plain_diffusers_s", "compiled_peer_s", "genfill_e2e_s", "genfill_engine_s"):
             assert entry[key]["n"] == 1 and entry[key]["median"] > 0
         assert entry["genfill_engine_s"]["median"] <= entry["genfill_e2e_s"]["median"]
     assert results["workloads"]["sd15_controlnet_512"]["engine"] == "controlnet"
