@@ -107,9 +107,19 @@ def measure(name: str, server, args) -> dict:
     figures = {
         "classic_latency_s": latency(server, args.latency_jobs, size=args.size),
         "diffusion_latency_s": latency(server, args.latency_jobs, **diffusion),
-        "images_per_s": throughput(server, args.clients, args.jobs, **diffusion),
     }
-    print(f"{name}: " + ", ".join(f"{key} {value:.4f}" for key, value in figures.items()), flush=True)
+    runner = server.server.scheduler.runner
+    before = len(getattr(runner, "recent", ()))
+    figures["images_per_s"] = throughput(server, args.clients, args.jobs, **diffusion)
+    ran = list(getattr(runner, "recent", ()))[before:]
+    if ran:
+        # The throughput phase's jobs on the pool: how they spread and how big their batches were.
+        figures["mean_batch_images"] = statistics.mean(job.batch_images for job in ran)
+        figures["jobs_per_replica"] = sorted(
+            sum(1 for job in ran if job.replica == replica) for replica in {job.replica for job in ran}
+        )
+    print(f"{name}: " + ", ".join(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+                                  for key, value in figures.items()), flush=True)
     return figures
 
 
